@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv when it is missing.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: venv demo test bench clean
+venv: .venv/.installed
+
+# torch first (pinned; here pip takes the CPU wheel on disk), then deepspeed without build isolation and
+# without compiled ops (its setup.py imports torch; in an isolated build pip would fetch a CUDA torch),
+# then the project itself, editable, with the test extras.
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(PY) stages/pretrain.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf .venv runs out

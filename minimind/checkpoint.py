@@ -1,0 +1,269 @@
+"""Checkpoint directories in the Hugging Face layout, and MiniMind's original `.pth` state dicts.
+
+A checkpoint directory holds:
+  config.json             Llama config for dense models (`model_type: llama`, tied embeddings, rope theta),
+                          `model_type: minimind_moe` for MoE models (no transformers class reads those);
+                          both carry our full `ModelConfig` under the key "minimind".
+  model.safetensors       weights; the tied LM head is stored once, as `model.embed_tokens.weight`.
+  generation_config.json  bos/eos/pad ids and default sampling.
+  tokenizer.json, tokenizer_config.json   when a tokenizer is given.
+
+Saves write into a temporary sibling directory and swap it into place, so a failed save never damages
+an existing checkpoint. Loads check every tensor's presence and shape and name the file and tensor on error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, PRESETS
+from .model import MiniMind
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+    out = {
+        "architectures": ["MiniMindMoEForCausalLM" if cfg.is_moe else "LlamaForCausalLM"],
+        "model_type": "minimind_moe" if cfg.is_moe else "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+        "minimind": {"preset": cfg.preset_name(), **cfg.to_dict()},
+    }
+    return out
+
+
+def generation_config() -> dict:
+    return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+            "do_sample": True, "temperature": 0.85, "top_p": 0.85, "max_new_tokens": 512}
+
+
+def model_state_dict(model: MiniMind) -> dict[str, torch.Tensor]:
+    """Weights as stored on disk: tied head dropped, contiguous, detached."""
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def _write_json(path: Path, obj):
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def save_checkpoint(model: MiniMind, out_dir, tokenizer=None, dtype: torch.dtype | None = None,
+                    extra_files: dict[str, object] | None = None) -> Path:
+    """Write `model` (and `tokenizer`) as a checkpoint directory, atomically replacing `out_dir`.
+
+    extra_files maps file names to JSON-serialisable objects written beside the weights (e.g. a
+    training-state summary).
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        dtype = dtype or model.lm_head.weight.dtype
+        sd = {k: v.to(device="cpu", dtype=dtype if v.is_floating_point() else v.dtype)
+              for k, v in model_state_dict(model).items()}
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG, hf_config(model.config, dtype))
+        _write_json(tmp / GENERATION_CONFIG, generation_config())
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for name, obj in (extra_files or {}).items():
+            _write_json(tmp / name, obj)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path):
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_config(ckpt_dir) -> ModelConfig:
+    path = Path(ckpt_dir) / CONFIG
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (not a checkpoint directory?)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if "minimind" in raw:
+        fields = {k: v for k, v in raw["minimind"].items() if k != "preset"}
+        return ModelConfig.from_dict(fields)
+    if raw.get("model_type") != "llama":
+        raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not a dense Llama config")
+    return ModelConfig(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_layers=raw["num_hidden_layers"],
+        num_heads=raw["num_attention_heads"], num_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+        intermediate_size=raw["intermediate_size"], rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        rope_theta=raw.get("rope_theta", raw.get("rope_parameters", {}).get("rope_theta", 1e6)),
+        max_position_embeddings=raw.get("max_position_embeddings", 32768),
+        tie_word_embeddings=raw.get("tie_word_embeddings", True))
+
+
+def _check_safetensors(path: Path):
+    """Validate the header and byte ranges so a truncated file names the tensor it cut."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ValueError(f"{path}: truncated or corrupt safetensors header ({n} header bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        end = info.get("data_offsets", [0, 0])[1]
+        if end > data:
+            raise ValueError(f"{path}: tensor {name} is truncated (needs bytes up to {end}, file has {data})")
+
+
+def read_weights(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    _check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
+
+
+def load_weights_into(model: MiniMind, sd: dict[str, torch.Tensor], source) -> None:
+    """Copy a state dict into `model`, checking names and shapes; errors name `source` and the tensor."""
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing:
+        raise ValueError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for name, want in expected.items():
+        if tuple(sd[name].shape) != tuple(want.shape):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(sd[name].shape)}, "
+                             f"the model expects {tuple(want.shape)}")
+    model.load_state_dict(sd, strict=not model.config.tie_word_embeddings)
+
+
+def load_model(ckpt_dir, device="cpu", dtype: torch.dtype | None = None) -> MiniMind:
+    ckpt = Path(ckpt_dir)
+    cfg = load_config(ckpt)
+    sd = read_weights(ckpt / WEIGHTS)
+    with torch.device(device):
+        model = MiniMind(cfg)
+    load_weights_into(model, sd, ckpt / WEIGHTS)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def load_tokenizer(ckpt_dir):
+    from .tokenizer import Tokenizer
+    return Tokenizer.from_dir(ckpt_dir)
+
+
+def load_checkpoint(ckpt_dir, device="cpu", dtype=None):
+    """(model, tokenizer or None) from a checkpoint directory."""
+    model = load_model(ckpt_dir, device, dtype)
+    tok = load_tokenizer(ckpt_dir) if (Path(ckpt_dir) / "tokenizer.json").is_file() else None
+    return model, tok
+
+
+# MiniMind's first release (`Transformer`, 2024-2025) named its weights differently from MiniMind2.
+_LEGACY_NAMES = [
+    ("tok_embeddings.", "model.embed_tokens."), ("output.", "lm_head."), ("norm.", "model.norm."),
+    ("attention.wq.", "self_attn.q_proj."), ("attention.wk.", "self_attn.k_proj."),
+    ("attention.wv.", "self_attn.v_proj."), ("attention.wo.", "self_attn.o_proj."),
+    ("attention_norm.", "input_layernorm."), ("ffn_norm.", "post_attention_layernorm."),
+    ("feed_forward.w1.", "mlp.gate_proj."), ("feed_forward.w3.", "mlp.up_proj."),
+    ("feed_forward.w2.", "mlp.down_proj."), ("feed_forward.", "mlp."),
+]
+
+
+def convert_minimind_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        for prefix in ("_orig_mod.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.endswith(("freqs_cos", "freqs_sin", "pos_cis")):
+            continue
+        if key.startswith("layers."):
+            key = "model." + key
+            for old, new in _LEGACY_NAMES[3:]:
+                key = key.replace(old, new)
+        else:
+            for old, new in _LEGACY_NAMES[:3]:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+                    break
+        out[key] = value
+    return out
+
+
+def load_minimind_pth(path, cfg: ModelConfig | str, device="cpu") -> MiniMind:
+    """Load an original MiniMind `.pth` state dict (MiniMind2 or first-release key names)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged pickle/zip
+        raise ValueError(f"{path}: not a readable torch state dict ({e})") from e
+    model = MiniMind(cfg).to(device)
+    load_weights_into(model, convert_minimind_keys(sd), path)
+    return model
