@@ -199,9 +199,11 @@ def load_weights_into(model: MiniMind, sd: dict[str, torch.Tensor], source) -> N
 
 
 def load_model(ckpt_dir, device="cpu", dtype: torch.dtype | None = None) -> MiniMind:
+    """The model of a checkpoint directory, in `dtype` (default: the dtype it was stored in)."""
     ckpt = Path(ckpt_dir)
     cfg = load_config(ckpt)
     sd = read_weights(ckpt / WEIGHTS)
+    dtype = dtype or next((v.dtype for v in sd.values() if v.is_floating_point()), None)
     with torch.device(device):
         model = MiniMind(cfg)
     load_weights_into(model, sd, ckpt / WEIGHTS)

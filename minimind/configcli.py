@@ -30,12 +30,21 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hints: dict):
+def _inherited_help(cls, name: str) -> str:
+    """A subclass that only changes a default keeps the base field's help."""
+    for base in cls.__mro__:
+        for f in dataclasses.fields(base) if dataclasses.is_dataclass(base) else ():
+            if f.name == name and f.metadata.get("help"):
+                return f.metadata["help"]
+    return ""
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hints: dict, cls):
     flag = "--" + f.name.replace("_", "-")
     tp, optional = _unwrap_optional(hints[f.name])
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    help_text = f.metadata.get("help", "")
+    help_text = f.metadata.get("help") or _inherited_help(cls, f.name)
     help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
     kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
     if tp is bool:
@@ -60,7 +69,7 @@ def build_parser(cls, description: str = "", prog: str | None = None) -> argpars
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli", True):
-            _add_field(parser, f, hints)
+            _add_field(parser, f, hints, cls)
     return parser
 
 

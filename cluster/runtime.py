@@ -1,0 +1,35 @@
+"""Connecting to Ray: an existing cluster when RAY_ADDRESS is set (e.g. under `ray job submit`), otherwise
+an embedded local cluster on this machine that listens on loopback only."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def loopback_env() -> None:
+    # Measured here: with this set, every Ray listener binds 127.0.0.1 (by default Ray also listens on the
+    # machine's external address and 0.0.0.0). Train, DeepSpeed-on-Ray and Serve still work.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers must import this project's packages, or a Train controller errors while its workers keep the
+    # placement group and every later job waits forever.
+    path = os.environ.get("PYTHONPATH", "")
+    if str(REPO_ROOT) not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
+
+
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, address: str | None = None):
+    """Start or join Ray once per process. Returns the `ray` module."""
+    import ray
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    loopback_env()
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
+    return ray

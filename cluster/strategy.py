@@ -1,0 +1,114 @@
+"""How a built model is wrapped for data-parallel training: none (one process), DDP, or DeepSpeed ZeRO.
+
+The loop only calls `backward`, `step`, `no_sync`, `module`, and the state methods; everything that differs
+between the three lives here.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class Plain:
+    """Single process, or DDP when a process group with more than one rank exists."""
+
+    def __init__(self, model, optimizer, scheduler, grad_clip: float, accumulation_steps: int,
+                 device: torch.device):
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.grad_clip, self.accumulation_steps = grad_clip, accumulation_steps
+        self.module = model
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.model = model
+
+    def no_sync(self, last_micro_step: bool):
+        # Skip DDP's all-reduce on the micro-batches before the last one of an accumulation step.
+        if last_micro_step or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss):
+        (loss / self.accumulation_steps).backward()
+
+    def micro_step(self):
+        pass
+
+    def step(self) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save_state(self, directory: Path, rank: int):
+        if rank == 0:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       directory / "optimizer.pt")
+
+    def load_state(self, directory: Path):
+        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self):
+        return self.module.state_dict()
+
+
+class DeepSpeed:
+    """DeepSpeed ZeRO 1/2/3 on the process group Ray Train (or torchrun) already set up.
+
+    The client optimizer is a torch AdamW, which avoids JIT-compiling DeepSpeed's fused Adam on machines
+    without CUDA. DeepSpeed owns accumulation and clipping: `backward` + `step` are called every micro-batch.
+    """
+
+    def __init__(self, model, optimizer, scheduler, grad_clip: float, accumulation_steps: int,
+                 micro_batch: int, zero_stage: int, dtype: str):
+        import deepspeed
+        if not dist.is_initialized():
+            deepspeed.init_distributed()
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": accumulation_steps,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": dtype == "bfloat16"},
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.model = self.engine
+        self.module = self.engine.module
+        self.zero_stage = zero_stage
+
+    def no_sync(self, last_micro_step: bool):
+        return contextlib.nullcontext()  # DeepSpeed defers the reduction itself
+
+    def backward(self, loss):
+        self.engine.backward(loss)  # scaled by 1/accumulation inside the engine
+
+    def micro_step(self):
+        self.engine.step()  # a no-op for the optimizer except at accumulation boundaries
+
+    def step(self) -> torch.Tensor:
+        norm = self.engine.get_global_grad_norm()
+        return torch.tensor(float(norm) if norm is not None else float("nan"))
+
+    def save_state(self, directory: Path, rank: int):
+        # Every rank writes its own optimizer shard; Ray Train merges the ranks' directories.
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+
+    def load_state(self, directory: Path):
+        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
+
+    def full_state_dict(self):
+        if self.zero_stage == 3:
+            # Gathers the partitioned parameters; every rank must call it.
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict()

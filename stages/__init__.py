@@ -1,0 +1,1 @@
+"""Entry points, one per training stage: `python stages/<stage>.py --help`."""

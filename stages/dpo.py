@@ -1,0 +1,59 @@
+"""Direct Preference Optimisation against a frozen reference model (the SFT checkpoint).
+
+    python stages/dpo.py --init out/sft --data dpo.jsonl          # reference defaults to --init
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
+from minimind.losses import dpo_loss, sequence_logprob
+from stages.common import Stage, load_frozen, run_stage, TrainConfig, BUNDLED
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    # MiniMind's DPO defaults: a tiny lr, since the policy starts at the reference.
+    data: tuple[str, ...] = (str(BUNDLED / "sample_dpo.jsonl"),)
+    out: str = "out/dpo"
+    epochs: int = 2
+    batch_size: int = 4
+    accumulation_steps: int = 1
+    lr: float = 1e-8
+    max_seq_len: int = 1024
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
+    reference: str = field(default="", metadata={"help": "frozen reference checkpoint ('' = --init)"})
+
+    def validate(self):
+        super().validate()
+        if not (self.reference or self.init):
+            raise ValueError("DPO needs a reference model: give --init (the SFT checkpoint) or --reference")
+
+
+class DPO(Stage):
+    name = "dpo"
+    data_format = "dpo"
+    config_cls = DPOConfig
+
+    def setup(self, cfg, device):
+        self.beta = cfg.beta
+        self.reference = load_frozen(cfg.reference or cfg.init, device)
+
+    def _logprobs(self, model, ids, mask):
+        out = model(ids[:, :-1])
+        return sequence_logprob(out.logits, ids[:, 1:], mask[:, 1:]), out.aux_loss
+
+    def loss(self, model, batch):
+        # Chosen and rejected rows go through the model in one batch: (2B, T).
+        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]]).long()
+        mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
+        policy, aux = self._logprobs(model, ids, mask)
+        with torch.no_grad():
+            reference, _ = self._logprobs(self.reference, ids, mask)
+        b = batch["chosen_ids"].shape[0]
+        loss, metrics = dpo_loss(policy[:b], policy[b:], reference[:b], reference[b:], self.beta)
+        return loss + aux, metrics
+
+
+if __name__ == "__main__":
+    run_stage(DPO())

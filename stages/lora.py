@@ -1,0 +1,66 @@
+"""LoRA fine-tuning: the base model frozen, low-rank adapters on the chosen projections trained.
+
+The output directory holds the merged model (a plain checkpoint) and the adapter alone
+(adapter.safetensors + adapter_config.json), which `python -m minimind merge-lora` folds into any copy of
+the base.
+
+    python stages/lora.py --init out/sft --data lora_identity.jsonl
+"""
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
+from safetensors.torch import save_file
+
+from minimind.checkpoint import read_weights
+from minimind.lora import DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from stages.common import Stage, causal_lm_loss, run_stage, TrainConfig, BUNDLED
+
+
+@dataclass
+class LoRAConfig(TrainConfig):
+    # MiniMind's LoRA defaults.
+    data: tuple[str, ...] = (str(BUNDLED / "sample_sft.jsonl"),)
+    out: str = "out/lora"
+    epochs: int = 10
+    batch_size: int = 32
+    accumulation_steps: int = 1
+    lr: float = 1e-4
+    lora_rank: int = field(default=8, metadata={"help": "adapter rank r"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "adapter scale numerator: W + alpha/r * BA"})
+    lora_targets: tuple[str, ...] = field(default=DEFAULT_TARGETS,
+                                          metadata={"help": "names of the linear layers to adapt"})
+
+
+class LoRA(Stage):
+    name = "lora"
+    data_format = "chat"
+    config_cls = LoRAConfig
+
+    def build_model(self, cfg):
+        model = super().build_model(cfg)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        self.adapter_config = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
+                               "targets": list(cfg.lora_targets), "base": cfg.init}
+        return model
+
+    def loss(self, model, batch):
+        loss, out = causal_lm_loss(model, batch)
+        return loss + out.aux_loss, {"aux_loss": out.aux_loss}
+
+    def export(self, module, weights):
+        return merge_lora(copy.deepcopy(module).cpu().float())
+
+    def save_extra(self, module, directory: Path):
+        save_file(lora_state_dict(module), str(directory / "adapter.safetensors"))
+        (directory / "adapter_config.json").write_text(json.dumps(self.adapter_config, indent=2))
+
+    def restore(self, model, directory: Path):
+        path = directory / "adapter.safetensors"
+        load_lora_state_dict(model, read_weights(path), path)
+
+
+if __name__ == "__main__":
+    run_stage(LoRA())

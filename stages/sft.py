@@ -1,0 +1,35 @@
+"""Supervised fine-tuning: ChatML conversations, loss on the assistant turns only.
+
+The 512- and 1024-token runs are configs of this stage:
+    python stages/sft.py --init out/pretrain --data sft_mini_512.jsonl --config stages/configs/sft_512.yaml
+    python stages/sft.py --init out/sft --data sft_1024.jsonl --config stages/configs/sft_1024.yaml
+"""
+from dataclasses import dataclass
+
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
+from stages.common import Stage, causal_lm_loss, run_stage, TrainConfig, BUNDLED
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    # MiniMind's full-SFT defaults.
+    data: tuple[str, ...] = (str(BUNDLED / "sample_sft.jsonl"),)
+    out: str = "out/sft"
+    epochs: int = 2
+    batch_size: int = 16
+    accumulation_steps: int = 1
+    lr: float = 5e-7
+
+
+class SFT(Stage):
+    name = "sft"
+    data_format = "chat"
+    config_cls = SFTConfig
+
+    def loss(self, model, batch):
+        loss, out = causal_lm_loss(model, batch)
+        return loss + out.aux_loss, {"aux_loss": out.aux_loss}
+
+
+if __name__ == "__main__":
+    run_stage(SFT())
