@@ -82,6 +82,8 @@ class RayContext:
         else:
             self.device = torch.device("cpu")
         self.scratch_dir = tempfile.mkdtemp(prefix="minimind-")
+        import ray.data
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line is ours
 
     def print(self, msg: str):
         print(msg, flush=True)
@@ -134,7 +136,9 @@ def export_result(checkpoint_dir: Path, out: Path) -> Path:
     return out
 
 
-def launch(cfg: TrainConfig, stage) -> Path:
+def launch(cfg: TrainConfig, stage, callbacks=None) -> Path:
+    """Train `stage` with `cfg` on Ray; returns --out. `callbacks` are Ray Train UserCallbacks (Tune's
+    TuneReportCallback, for one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -160,7 +164,8 @@ def launch(cfg: TrainConfig, stage) -> Path:
                                                            **({"GPU": 1} if res.use_gpu else {})}),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             callbacks=callbacks),
         datasets=datasets, dataset_config=dataset_config,
     )
     print(f"{stage.name}: {res.num_workers} worker(s), {'GPU' if res.use_gpu else 'CPU'}, "

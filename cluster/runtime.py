@@ -30,6 +30,9 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, address: 
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # At least 4 logical CPUs: two training workers plus room for Ray Data's tasks, which otherwise
+        # wait forever for a free CPU (measured on a 2-core machine).
+        num_cpus = num_cpus or max(os.cpu_count() or 1, 4)
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=True)
     return ray

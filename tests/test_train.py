@@ -1,0 +1,133 @@
+"""Every stage on Ray Train with 2 CPU workers, tiny models and real data; the chain; bad input."""
+import gzip
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import TrainConfig
+from cluster.launcher import launch
+from minimind.checkpoint import load_model, read_weights, save_checkpoint
+from minimind.config import PRESETS
+from minimind.model import MiniMind
+from stages.distill import Distill, DistillConfig
+from stages.dpo import DPO, DPOConfig
+from stages.lora import LoRA, LoRAConfig
+from stages.pretrain import Pretrain
+from stages.reason import Reason, ReasonConfig
+from stages.sft import SFT, SFTConfig
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def poetry(shared_data, tmp_path_factory) -> Path:
+    """The first 3,000 real poems as a plain jsonl (the full corpus is for benchmarks)."""
+    path = tmp_path_factory.mktemp("poetry") / "poems.jsonl"
+    with gzip.open(shared_data / "poetry" / "poems.train.jsonl.gz", "rt", encoding="utf-8") as src:
+        path.write_text("".join(itertools.islice(src, 3000)), encoding="utf-8")
+    return path
+
+
+def common(tmp_path, shared_data, **kw) -> dict:
+    return dict(tokenizer=str(shared_data / "minimind"), out=str(tmp_path / "out"), num_workers=2,
+                max_seq_len=64, batch_size=8, accumulation_steps=1, log_interval=1, max_failures=0,
+                storage_path=str(tmp_path / "ray"), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_cluster, poetry, shared_data, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("pretrain")
+    cfg = TrainConfig(**common(tmp, shared_data, preset="tiny", data=(str(poetry),), lr=3e-3, max_steps=30,
+                               wandb=True))
+    return launch(cfg, Pretrain())
+
+
+def test_pretrain_loss_falls_and_writes_checkpoint(pretrained):
+    log = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert log[0]["loss"] > 8.0  # ~ln(6400) at init
+    assert sum(r["loss"] for r in log[-5:]) / 5 < log[0]["loss"] - 1.5
+    assert log[-1]["tokens"] == 30 * 2 * 8 * 64  # steps x workers x rows x seq
+    assert {"lr", "grad_norm", "tokens_per_s", "aux_loss"} <= set(log[-1])
+    model = load_model(pretrained)
+    assert model.config == PRESETS["tiny"]
+    assert (pretrained / "tokenizer.json").is_file()
+    assert json.loads((pretrained / "trainer_state.json").read_text())["step"] == 30
+
+
+def test_sft_from_pretrain_loss_falls(pretrained, shared_data, tmp_path):
+    cfg = SFTConfig(**common(tmp_path, shared_data, init=str(pretrained),
+                             data=(str(shared_data / "minimind" / "lora_identity.jsonl"),),
+                             lr=2e-3, max_steps=15, max_seq_len=128))
+    out = launch(cfg, SFT())
+    log = losses(out)
+    assert len(log) == 15 and min(log[-3:]) < log[0] - 0.5
+
+
+def test_dpo_starts_at_ln2_and_learns(pretrained, tmp_path, shared_data):
+    cfg = DPOConfig(**common(tmp_path, shared_data, init=str(pretrained), max_steps=8, lr=1e-3,
+                             data=(str(Path(__file__).parents[1] / "minimind" / "data" / "sample_dpo.jsonl"),),
+                             max_seq_len=128, batch_size=4))
+    out = launch(cfg, DPO())
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Step 1's loss is computed before any update, with policy == reference.
+    assert math.isclose(log[0]["loss"], math.log(2), abs_tol=1e-4)
+    assert log[-1]["loss"] < math.log(2) and log[-1]["reward_accuracy"] > 0.5
+    assert "reward_margin" in log[-1]
+
+
+def test_lora_leaves_base_bit_identical(pretrained, tmp_path, shared_data):
+    cfg = LoRAConfig(**common(tmp_path, shared_data, init=str(pretrained), max_steps=6, lr=1e-2,
+                              data=(str(shared_data / "minimind" / "lora_identity.jsonl"),), max_seq_len=128))
+    out = launch(cfg, LoRA())
+    base, merged = read_weights(pretrained / "model.safetensors"), read_weights(out / "model.safetensors")
+    adapter = read_weights(out / "adapter.safetensors")
+    assert set(adapter) and all(".self_attn." in k for k in adapter)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    # Only the adapted projections differ in the merged model, by exactly alpha/r * B @ A.
+    assert changed == {k.replace(".lora_A", ".weight") for k in adapter if k.endswith("lora_A")}
+    scale = cfg.lora_alpha / cfg.lora_rank
+    for name in changed:
+        stem = name[: -len(".weight")]
+        delta = adapter[stem + ".lora_B"] @ adapter[stem + ".lora_A"] * scale
+        assert torch.allclose(merged[name], base[name] + delta, atol=1e-6)
+
+
+def test_distill_from_itself_has_zero_kl(pretrained, tmp_path, shared_data):
+    cfg = DistillConfig(**common(tmp_path, shared_data, init=str(pretrained), teacher=str(pretrained),
+                                 alpha=0.0, temperature=2.0, max_steps=2, lr=1e-12,
+                                 data=(str(shared_data / "minimind" / "sft_sample.jsonl"),), max_seq_len=128,
+                                 batch_size=2))
+    log = [json.loads(line) for line in (launch(cfg, Distill()) / "metrics.jsonl").read_text().splitlines()]
+    assert abs(log[0]["kl"]) < 1e-6 and abs(log[0]["loss"]) < 1e-5
+
+
+def test_reasoning_tag_weights_reach_the_loss(pretrained, tmp_path, shared_data):
+    cfg = ReasonConfig(**common(tmp_path, shared_data, init=str(pretrained), max_steps=4, lr=2e-3,
+                                max_seq_len=128, batch_size=4))
+    log = [json.loads(line) for line in (launch(cfg, Reason()) / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tag_tokens"] > 0 for r in log)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(init="/nonexistent/ckpt"), "--init /nonexistent/ckpt"),
+    (dict(profile="tpu"), "unknown profile 'tpu'"),
+    (dict(num_workers=64), "64 workers"),
+    (dict(preset="small"), "holds preset tiny"),
+])
+def test_bad_input_fails_before_work(pretrained, tmp_path, shared_data, change, message):
+    base = common(tmp_path, shared_data, init=str(pretrained), max_steps=1)
+    base.update(change)
+    cfg = SFTConfig(**base)
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+        launch(cfg, SFT())
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "out").exists()
