@@ -19,7 +19,7 @@ class TokenizerConfig:
     text_field: str = field(default="text", metadata={"help": "field holding the text"})
     out: str = field(default="out/tokenizer", metadata={"help": "output directory"})
     vocab_size: int = field(default=6400, metadata={"help": "vocabulary size, specials included"})
-    max_chars: int = field(default=20_000_000,
+    max_chars: int = field(default=2_000_000,
                            metadata={"help": "characters sampled from the corpus for training (bounds memory)"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import cluster  # noqa: F401,E402  (sets Ray's loopback switches before anything imports ray)
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
