@@ -38,6 +38,7 @@ class TrainConfig:
     use_gpu: str = _help("override the profile: 'true' or 'false' ('' keeps the profile's)", default="")
     zero_stage: int = _help("DeepSpeed ZeRO stage 1/2/3; 0 = DDP; -1 = the profile's choice", default=-1)
     cpus_per_worker: float = _help("CPUs reserved per worker", default=1.0)
+    gpus_per_worker: float = _help("GPUs per worker; a fraction lets small trials share a GPU", default=1.0)
     # Optimisation (MiniMind's pretrain defaults)
     batch_size: int = _help("micro-batch per worker, in rows", default=32)
     accumulation_steps: int = _help("micro-batches per optimizer step", default=8)
@@ -64,6 +65,8 @@ class TrainConfig:
     wandb: bool = _help("log to Weights & Biases (WANDB_MODE=offline works without network)", default=False)
     wandb_project: str = _help("wandb project", default="minimind-ray")
     compile: bool = _help("torch.compile the model (GPU profiles)", default=False)
+    ray: bool = _help("train on Ray Train; --no-ray runs the same loop in this process (one worker)",
+                      default=True)
 
     def validate(self):
         if self.batch_size < 1 or self.accumulation_steps < 1:

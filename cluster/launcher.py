@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -57,7 +58,7 @@ def check_cluster(res: Resolved, cfg: TrainConfig, ray) -> None:
     """Fail before any work when the cluster cannot host the workers (Ray would wait forever)."""
     total = ray.cluster_resources()
     need_cpu = res.num_workers * cfg.cpus_per_worker
-    if res.use_gpu and total.get("GPU", 0) < res.num_workers:
+    if res.use_gpu and total.get("GPU", 0) < res.num_workers * cfg.gpus_per_worker:
         raise ValueError(f"profile {cfg.profile} wants {res.num_workers} GPU workers; the Ray cluster has "
                          f"{int(total.get('GPU', 0))} GPUs (use --num-workers, or --profile cpu)")
     # Ray Data needs CPU left over to feed the workers, or ingest deadlocks.
@@ -106,10 +107,19 @@ class RayContext:
         if write_checkpoint is None:
             ray.train.report(metrics)
             return
+        from .publish import publish_latest, write_verified
         with tempfile.TemporaryDirectory(dir=self.scratch_dir) as d:
-            write_checkpoint(Path(d))
-            has_files = any(Path(d).iterdir())
+            # Write, then read every file back before Ray sees it: a crash or short write raises here, so
+            # Ray never registers (or restores from) a torn checkpoint.
+            has_files = write_verified(Path(d), write_checkpoint, self.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
+        # Each rank's report returns once its own upload is stored; after this barrier every shard is, and
+        # only then may `latest` name the checkpoint.
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
+        if self.rank == 0:
+            ckpt = ray.train.get_checkpoint()  # the checkpoint just persisted
+            publish_latest(posixpath.dirname(ckpt.path), ckpt.path, metrics["step"], ckpt.filesystem)
 
 
 def _worker(config: dict):
@@ -161,7 +171,7 @@ def launch(cfg: TrainConfig, stage, callbacks=None) -> Path:
         torch_config=TorchConfig(backend=res.backend),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
-                                                           **({"GPU": 1} if res.use_gpu else {})}),
+                                                           **({"GPU": cfg.gpus_per_worker} if res.use_gpu else {})}),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),

@@ -40,15 +40,16 @@ class Stage:
 
     def build_model(self, cfg) -> MiniMind:
         if cfg.init:
-            saved = load_config(cfg.init)
-            if cfg.preset and saved.preset_name() != cfg.preset:
-                raise ValueError(f"--init {cfg.init} holds preset {saved.preset_name() or 'custom'}, "
-                                 f"but --preset {cfg.preset} was asked for")
             return load_model(cfg.init, dtype=torch.float32)  # fp32 master weights
         return MiniMind(get_preset(cfg.preset or "tiny"))
 
     def check(self, cfg, tokenizer) -> None:
         """Errors to raise in the driver before any work starts."""
+        if cfg.init:
+            saved = load_config(cfg.init)
+            if cfg.preset and saved.preset_name() != cfg.preset:
+                raise ValueError(f"--init {cfg.init} holds preset {saved.preset_name() or 'custom'}, "
+                                 f"but --preset {cfg.preset} was asked for")
         vocab = (load_config(cfg.init) if cfg.init else get_preset(cfg.preset or "tiny")).vocab_size
         if tokenizer.vocab_size > vocab:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}")
@@ -79,8 +80,12 @@ def run_stage(stage: Stage, argv=None, description: str = ""):
                        prog=f"stages/{stage.name}.py")
     try:
         cfg.validate()
-        from cluster.launcher import launch
-        out = launch(cfg, stage)
+        if cfg.ray:
+            from cluster.launcher import launch
+            out = launch(cfg, stage)
+        else:
+            from cluster.local import train_local
+            out = train_local(cfg, stage)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -17,9 +17,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
 
 def config(tmp_path, shared_data, corpus, **kw) -> TrainConfig:
+    # One tokenised cache for every run here, so the runs differ only in how they were interrupted.
     base = dict(preset="tiny", data=(str(corpus),), tokenizer=str(shared_data / "minimind"), num_workers=2,
                 max_seq_len=128, batch_size=16, accumulation_steps=2, lr=2e-3, max_steps=24, save_interval=6,
-                log_interval=1, seed=3, storage_path=str(tmp_path / "ray"), cache_dir=str(tmp_path.parent / "cache"),
+                log_interval=1, seed=3, storage_path=str(tmp_path / "ray"), cache_dir=str(corpus.parent / "cache"),
                 out=str(tmp_path / "out"), max_failures=0)
     base.update(kw)
     return TrainConfig(**base)
@@ -45,15 +46,28 @@ def uninterrupted(ray_cluster, shared_data, corpus, tmp_path_factory):
     return log_of(launch(config(tmp, shared_data, corpus), Pretrain()))
 
 
+def _train_workers() -> list:
+    """Ray Train worker processes of this test session's cluster: descendants of this process (the
+    embedded cluster's raylet is our child), titled `ray::RayTrainWorker...`."""
+    import psutil
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list):
-    from ray.util.state import list_actors
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     while time.time() < deadline and not killed:
         if run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir()):
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = _train_workers()
             if workers:
-                os.kill(workers[-1]["pid"], signal.SIGKILL)
-                killed.append(workers[-1]["pid"])
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
                 return
         time.sleep(0.05)
 
