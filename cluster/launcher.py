@@ -83,8 +83,11 @@ class RayContext:
         else:
             self.device = torch.device("cpu")
         self.scratch_dir = tempfile.mkdtemp(prefix="minimind-")
+        import logging
+
         import ray.data
         ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line is ours
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-epoch "Starting execution" lines
 
     def print(self, msg: str):
         print(msg, flush=True)
