@@ -28,6 +28,7 @@ class TrainState:
     step: int = 0            # optimizer steps taken
     micro_batches: int = 0   # micro-batches this worker consumed: the data position to resume from
     tokens: int = 0          # tokens processed by all workers
+    restored_from: list = field(default_factory=list)  # the step of every checkpoint this run restored
     log: list = field(default_factory=list)  # every logged metrics record so far
 
     def to_json(self) -> dict:
@@ -120,6 +121,7 @@ def train(cfg: TrainConfig, stage, ctx) -> TrainState:
     if restore is not None:
         strategy.load_state(restore)
         state = read_trainer_state(restore)
+        state.restored_from.append(state.step)
         ctx.print(f"restored {restore} at step {state.step} (micro-batch {state.micro_batches})")
     if cfg.compile:
         strategy.model = torch.compile(strategy.model)

@@ -60,10 +60,19 @@ def _train_workers() -> list:
     return found
 
 
+def _registered_checkpoints(run_dir: Path) -> list:
+    """Checkpoints the Ray Train controller has committed (its snapshot file); a checkpoint_* folder alone
+    may still be uploading, and a kill then rightly restarts from scratch."""
+    try:
+        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list):
     deadline = time.time() + 300
     while time.time() < deadline and not killed:
-        if run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir()):
+        if _registered_checkpoints(run_dir):
             workers = _train_workers()
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
@@ -83,7 +92,9 @@ def test_killed_worker_restores_and_matches_uninterrupted_run(uninterrupted, sha
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     resumed = log_of(out)
     assert sorted(resumed) == list(range(1, 25))  # every step exactly once, and the right count
-    assert json.loads((out / "trainer_state.json").read_text())["step"] == 24
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["step"] == 24
+    assert len(state["restored_from"]) == 1 and state["restored_from"][0] % 6 == 0  # restored, not restarted
     for step, loss in uninterrupted.items():
         assert resumed[step] == pytest.approx(loss, abs=2e-4), step
 
@@ -91,11 +102,12 @@ def test_killed_worker_restores_and_matches_uninterrupted_run(uninterrupted, sha
 def test_resume_by_hand_from_a_checkpoint(uninterrupted, shared_data, corpus, tmp_path):
     first = config(tmp_path / "a", shared_data, corpus, run_name="first", max_steps=24)
     launch(first, Pretrain())
-    ckpts = sorted((tmp_path / "a" / "ray" / "first").glob("checkpoint_*"))
+    ckpts = sorted(p for p in (tmp_path / "a" / "ray" / "first").glob("checkpoint_*") if p.is_dir())
     assert ckpts, "no checkpoints kept"
     # Take the earliest kept checkpoint (keep_checkpoints=2 keeps steps 18 and 24) and resume from it.
     state = json.loads((ckpts[0] / "trainer_state.json").read_text())
     again = launch(config(tmp_path / "b", shared_data, corpus, resume=str(ckpts[0])), Pretrain())
+    assert json.loads((again / "trainer_state.json").read_text())["restored_from"] == [state["step"]]
     log = log_of(again)
     assert sorted(log) == list(range(1, 25))
     for step in range(state["step"] + 1, 25):

@@ -1,0 +1,144 @@
+"""Write, verify, then publish: a crash while writing a checkpoint never leaves `latest` at a partial one.
+
+A checkpoint goes through three steps:
+  1. `write_verified`: the loop writes it into a worker-local scratch directory, then every file is read
+     back (safetensors header and byte ranges, JSON parses, torch zip archives end in their central
+     directory) before anything is handed to `ray.train.report`. A crash or a short write raises here.
+  2. Ray Train uploads it to `--storage-path` (a local/NFS path or a pyarrow URI such as s3://).
+  3. `publish_latest`: after every rank's upload (a barrier), rank 0 re-verifies the stored copy and only
+     then replaces `<storage>/<run>/latest` with one atomic step: `os.replace` of a temp file on a file
+     system; a single PUT on an object store, where an object is never visible half-written.
+
+Ray Train itself restores from its own checkpoint index; `latest` is for everything outside Ray (`--resume`,
+`--init` of the next stage, serving, an operator's `ls`), which must never pick up a torn directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import uuid
+import zipfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+POINTER = "latest"
+# What rank 0 always writes (cluster.loop.write_checkpoint); the optimizer state is optimizer.pt (DDP) or
+# per-rank DeepSpeed shards under deepspeed/.
+REQUIRED = ("model/config.json", "model/model.safetensors", "trainer_state.json", "metrics.jsonl")
+
+
+def _fs(path, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's file system for a local path or a URI, so the same checks run on NFS and on s3://.
+    A given `filesystem` (a Ray `Checkpoint.filesystem`) takes `path` as is."""
+    path = str(path)
+    if filesystem is not None:
+        return filesystem, path
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def _check_safetensors(f, size: int, name: str):
+    """Header length, header JSON, and every tensor's byte range inside the file (a truncation names it)."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{name}: truncated safetensors file ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", head)
+    if 8 + n > size:
+        raise ValueError(f"{name}: truncated safetensors header ({n} header bytes, file {size})")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{name}: corrupt safetensors header ({e})") from e
+    data = size - 8 - n
+    for tensor, info in header.items():
+        if tensor != "__metadata__" and info["data_offsets"][1] > data:
+            raise ValueError(f"{name}: tensor {tensor} is truncated (needs {info['data_offsets'][1]} bytes, "
+                             f"file has {data})")
+
+
+def _check_file(fs: pafs.FileSystem, path: str, rel: str, size: int):
+    if rel.endswith(".safetensors"):
+        with fs.open_input_file(path) as f:
+            _check_safetensors(f, size, rel)
+    elif rel.endswith(".json"):
+        with fs.open_input_file(path) as f:
+            try:
+                json.loads(f.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{rel}: not valid JSON ({e})") from e
+    elif rel.endswith(".jsonl"):
+        with fs.open_input_file(path) as f:
+            for i, line in enumerate(f.read().splitlines(), 1):
+                try:
+                    json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{rel}: line {i} is not valid JSON ({e})") from e
+    elif rel.endswith((".pt", ".pth")):
+        # torch.save writes a zip archive whose central directory comes last: a cut file has none.
+        with fs.open_input_file(path) as f:
+            if not zipfile.is_zipfile(f):
+                raise ValueError(f"{rel}: truncated or corrupt torch archive ({size} bytes)")
+
+
+def verify_checkpoint(directory, complete: bool = True, filesystem=None) -> list[str]:
+    """Raise ValueError naming the first damaged or missing file; return the files checked.
+
+    complete=False checks only the files present: a non-zero rank writes nothing (DDP) or only its own
+    DeepSpeed shard.
+    """
+    fs, root = _fs(directory, filesystem)
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+             if i.type == pafs.FileType.File]
+    files = {os.path.relpath(i.path, root): i for i in infos}
+    if complete:
+        missing = [f for f in REQUIRED if f not in files]
+        if not any(f == "optimizer.pt" or f.startswith("deepspeed/") for f in files):
+            missing.append("optimizer.pt or deepspeed/")
+        if missing:
+            raise ValueError(f"checkpoint {directory} is incomplete: missing {', '.join(missing)}")
+    for rel, info in sorted(files.items()):
+        _check_file(fs, info.path, rel, info.size)
+    return sorted(files)
+
+
+def write_verified(directory: Path, write, rank: int) -> bool:
+    """Call write(directory), then verify what it wrote. Returns whether this rank wrote any file (Ray
+    Train wants no checkpoint at all from a rank with nothing to add)."""
+    write(directory)
+    files = verify_checkpoint(directory, complete=rank == 0)
+    return bool(files)
+
+
+def publish_latest(run_dir, checkpoint, step: int | None = None, filesystem=None) -> None:
+    """Point `<run_dir>/latest` at `checkpoint` once the stored copy verifies; atomic on every backend.
+    Under Ray: `publish_latest(posixpath.dirname(c.path), c.path, step, c.filesystem)` for a Checkpoint c."""
+    verify_checkpoint(checkpoint, filesystem=filesystem)
+    fs, root = _fs(run_dir, filesystem)
+    _, ckpt = _fs(checkpoint, filesystem)
+    if step is None:
+        with fs.open_input_file(f"{ckpt}/trainer_state.json") as f:
+            step = json.loads(f.read())["step"]
+    location = str(checkpoint) if "://" in str(checkpoint) else ckpt
+    body = json.dumps({"path": location, "step": step}).encode()
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = Path(root) / f".{POINTER}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, Path(root) / POINTER)  # readers see the old pointer or the new one, never a mix
+    else:
+        with fs.open_output_stream(f"{root}/{POINTER}") as f:  # one PUT: visible whole or not at all
+            f.write(body)
+
+
+def read_latest(run_dir) -> dict | None:
+    """{"path": ..., "step": ...} of the last published checkpoint, or None before the first."""
+    fs, root = _fs(run_dir)
+    if fs.get_file_info(f"{root}/{POINTER}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_file(f"{root}/{POINTER}") as f:
+        return json.loads(f.read())

@@ -1,0 +1,255 @@
+"""Ray Tune sweeps over any stage's trainer: grid, random and ASHA searches, compared at equal tokens seen.
+
+    python tune/sweep.py --stage pretrain --param lr=grid:1e-3,3e-3 --param batch_size=grid:8,16 \\
+        --set preset=tiny max_seq_len=64 max_steps=20 cpus_per_worker=0.5
+    python tune/sweep.py --stage pretrain --space space.yaml --search random --num-samples 8 --scheduler asha
+    python tune/sweep.py --experiment minimind-pretrain --scale 0.1 --set cpus_per_worker=0.5
+    python tune/sweep.py --name NAME --resume                      # continue an interrupted sweep
+
+Each trial is a TorchTrainer with its own workers (see tune/trial.py). ASHA's clock is `tokens`, the tokens
+seen by all of a trial's workers, so trials with different effective batches are compared at equal data.
+Outputs land in STORAGE/NAME: Tune's per-trial logs (progress.csv, result.json, TensorBoard events),
+results.csv/json, loss_vs_tokens.png and best_config.yaml (accepted by `stages/<stage>.py --config`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import typing
+from pathlib import Path
+
+# Run as a script: import the repo's packages, not this folder's modules as top-level ones.
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path
+                                                          if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from minimind.configcli import coerce, read_config_file  # noqa: E402
+from tune import experiments, space as spaces  # noqa: E402
+from tune.trial import TRIAL_KEY, absolute_paths, load_stage, make_trainable, tokens_per_step, trial_config  # noqa: E402
+
+SWEEP_FILE = "sweep.json"   # what a resumed sweep needs to rebuild its trainable
+CPU_BUDGET_STEPS = 30       # a scaled-down experiment's token budget, in steps of its reference trial
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tune/sweep.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_argument_group("what to sweep")
+    what.add_argument("--stage", default="pretrain", help="stages/<stage>.py whose trainer each trial runs")
+    what.add_argument("--space", metavar="FILE", help="YAML search space (see tune/space.py)")
+    what.add_argument("--param", action="append", default=[], metavar="NAME=KIND:V1,V2",
+                      help="a search dimension: grid|choice|uniform|loguniform, or NAME=VALUE (repeatable)")
+    what.add_argument("--experiment", choices=sorted(experiments.EXPERIMENTS),
+                      help="a built-in experiment of named trials (its stage replaces --stage)")
+    what.add_argument("--scale", type=float, default=1.0,
+                      help="shrink the experiment's micro-batches and sequence length by this factor (tiny "
+                           "model below 1) keeping the ratios between trials")
+    what.add_argument("--config", metavar="FILE", help="base stage config (JSON/YAML) every trial starts from")
+    what.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                      help="base config overrides, e.g. max_steps=20 preset=tiny")
+    what.add_argument("--token-budget", type=int, default=None,
+                      help="tokens every trial trains on (max_steps derived per trial); default: none for "
+                           "sweeps, --budget-steps of the reference trial for experiments")
+    what.add_argument("--budget-steps", type=int, default=None,
+                      help=f"experiment budget in steps of its reference trial (default: {CPU_BUDGET_STEPS} "
+                           "when --scale < 1, else one epoch)")
+    how = p.add_argument_group("how to search")
+    how.add_argument("--search", choices=["grid", "random"], default="grid",
+                     help="grid: every grid point; random: draw num-samples trials, grids as choices")
+    how.add_argument("--num-samples", type=int, default=1, help="samples (per grid point, for grid search)")
+    how.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
+    how.add_argument("--grace-tokens", type=int, default=None,
+                     help="ASHA: tokens before a trial can be stopped (default: max tokens / 8)")
+    how.add_argument("--max-tokens", type=int, default=None,
+                     help="ASHA: tokens at which trials end (default: the token budget, or the largest "
+                          "max_steps x effective batch)")
+    how.add_argument("--reduction-factor", type=float, default=2, help="ASHA: keep the best 1/RF at each rung")
+    res = p.add_argument_group("resources and outputs")
+    res.add_argument("--max-concurrent", type=int, default=1,
+                     help="trials at once (each is a TorchTrainer with its own workers)")
+    res.add_argument("--trial-cpus", type=float, default=0.1,
+                     help="CPU of the trial's driver function; the Train workers reserve their own")
+    res.add_argument("--gpus-per-trial", type=float, default=0.0,
+                     help="GPU share per trial (fractional: 0.25 packs four trials on a GPU)")
+    res.add_argument("--storage-path", default="runs/tune", help="where sweeps are written")
+    res.add_argument("--name", default="", help="sweep name ('' = STAGE-sweep-TIMESTAMP)")
+    res.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
+    res.add_argument("--wandb", action="store_true", help="log every trial to wandb (WANDB_MODE=offline works)")
+    res.add_argument("--wandb-project", default="minimind-ray-tune")
+    res.add_argument("--dashboard", action="store_true",
+                     help="start the local Ray cluster with its dashboard (http://127.0.0.1:8265)")
+    return p
+
+
+def parse_sets(config_cls, sets) -> dict:
+    types = spaces.field_types(config_cls)
+    out = {}
+    for text in sets:
+        key, sep, value = text.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in types:
+            raise ValueError(f"--set {text!r}: expected KEY=VALUE with KEY a field of {config_cls.__name__}")
+        is_list = typing.get_origin(types[key]) is tuple  # e.g. data=a.jsonl,b.jsonl
+        out[key] = spaces._convert(key, types[key], value.split(",") if is_list else value)
+    return out
+
+
+def base_config(config_cls, defaults: dict, config_file, sets):
+    """Stage defaults < the experiment's scale < --config FILE < --set."""
+    values = dict(defaults)
+    if config_file:
+        values.update(read_config_file(config_file, config_cls))
+    values.update(parse_sets(config_cls, sets))
+    cfg = absolute_paths(config_cls(**coerce(config_cls, values)))
+    cfg.validate()
+    return cfg
+
+
+def check_values(base, space: dict, named_trials: dict) -> None:
+    """Every value a trial could take must make a valid config: fail now, not in trial 7."""
+    for name, param in space.items():
+        if param.kind in ("grid", "choice", "const"):
+            for v in param.values:
+                base.replace(**{name: v}).validate()
+    for name, params in named_trials.items():
+        base.replace(**params).validate()
+
+
+def asha_limits(args, base, space, named_trials, budget) -> tuple[int, int]:
+    max_t = args.max_tokens or budget
+    if not max_t and base.max_steps:
+        # The largest effective batch any listed value gives, times the step limit.
+        candidates = [base.replace(**t) for t in named_trials.values()] or [base]
+        for name in ("batch_size", "accumulation_steps", "max_seq_len", "num_workers"):
+            if name in space and space[name].kind in ("grid", "choice", "const"):
+                candidates = [c.replace(**{name: v}) for c in candidates for v in space[name].values]
+        max_t = base.max_steps * max(tokens_per_step(c) for c in candidates)
+    if not max_t:
+        raise ValueError("--scheduler asha needs --max-tokens, --token-budget or a base max_steps")
+    return max_t, args.grace_tokens or max(1, max_t // 8)
+
+
+def init_cluster(dashboard: bool):
+    from cluster.runtime import init_ray, loopback_env
+    import ray
+    if dashboard and not ray.is_initialized():
+        loopback_env()
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+        print(f"Ray dashboard: {ray.get_runtime_context().dashboard_url or 'http://127.0.0.1:8265'}", flush=True)
+        return ray
+    return init_ray()
+
+
+def callbacks(args) -> list:
+    # CSV, JSON and TensorBoard (tensorboardX) loggers are Tune's defaults, added to every trial's directory.
+    if not args.wandb:
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
+    return [WandbLoggerCallback(project=args.wandb_project)]
+
+
+def new_sweep(args, sweep_dir: Path):
+    """Validate everything, write sweep.json and return (Tuner, sweep record)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    named, defaults, budget = {}, {}, args.token_budget or 0
+    stage_name = args.stage
+    if args.experiment:
+        exp = experiments.get_experiment(args.experiment)
+        stage_name, named = exp.stage, experiments.scaled_trials(exp, args.scale)
+        defaults = experiments.scaled_base(exp, args.scale)
+    stage = load_stage(stage_name)
+    space = spaces.parse_space(stage.config_cls, args.space, args.param)
+    if not space and not named:
+        raise ValueError("nothing to sweep: give --param, --space or --experiment")
+    base = base_config(stage.config_cls, defaults, args.config, args.set)
+    check_values(base, space, named)
+    if args.experiment and not budget:
+        steps = args.budget_steps if args.budget_steps is not None else (CPU_BUDGET_STEPS if args.scale < 1
+                                                                          else exp.budget_steps)
+        budget = steps * tokens_per_step(base.replace(**named[exp.budget_ref]))
+    if args.gpus_per_trial:  # fail now if the launcher cannot share GPUs
+        trial_config(base, {}, sweep_dir, sweep_dir, "check", budget, args.gpus_per_trial)
+
+    param_space = spaces.to_tune(space, args.search)
+    if named:
+        param_space[TRIAL_KEY] = tune.grid_search(list(named))
+    if args.scheduler == "asha":
+        max_t, grace = asha_limits(args, base, space, named, budget)
+        scheduler = ASHAScheduler(time_attr="tokens", max_t=max_t, grace_period=grace,
+                                  reduction_factor=args.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    record = {"stage": stage_name, "base": dataclasses.asdict(base), "named_trials": named,
+              "token_budget": budget, "gpus_per_trial": args.gpus_per_trial, "trial_cpus": args.trial_cpus,
+              "scheduler": args.scheduler, "search": args.search,
+              "space": {k: dataclasses.asdict(v) for k, v in space.items()}}
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    trainable = tune.with_resources(trainable_of(record, sweep_dir), trial_resources(record))
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler, num_samples=args.num_samples,
+                                    max_concurrent_trials=args.max_concurrent),
+        run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+                                  callbacks=callbacks(args)))
+    return tuner, record
+
+
+def trial_resources(record) -> dict:
+    # The trial function only waits on its TorchTrainer, whose workers reserve their own CPUs (and GPUs).
+    return {"CPU": record["trial_cpus"]}
+
+
+def base_of(record):
+    cls = load_stage(record["stage"]).config_cls
+    return cls(**coerce(cls, record["base"]))
+
+
+def trainable_of(record, sweep_dir: Path):
+    return make_trainable(record["stage"], base_of(record), record["named_trials"], sweep_dir,
+                          record["token_budget"], record["gpus_per_trial"])
+
+
+def restore_sweep(sweep_dir: Path):
+    from ray import tune
+    if not (sweep_dir / SWEEP_FILE).is_file() or not tune.Tuner.can_restore(str(sweep_dir)):
+        raise ValueError(f"--resume: {sweep_dir} holds no sweep to resume")
+    record = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    trainable = tune.with_resources(trainable_of(record, sweep_dir), trial_resources(record))
+    # Finished trials keep their results; unfinished and errored ones run again, their Train runs
+    # resuming from their last checkpoints (the Train run is named after the trial).
+    return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True), record
+
+
+def run_sweep(argv=None) -> Path:
+    args = build_parser().parse_args(argv)
+    name = args.name or f"{args.experiment or args.stage}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = Path(args.storage_path).resolve() / name
+    if args.resume:
+        tuner, record = restore_sweep(sweep_dir)
+    elif sweep_dir.exists():
+        raise ValueError(f"{sweep_dir} exists: pass --resume to continue that sweep, or another --name")
+    else:
+        tuner, record = new_sweep(args, sweep_dir)  # all validation happens here, before Ray starts
+    init_cluster(args.dashboard)
+    results = tuner.fit()
+    from tune.report import write_report
+    write_report(results, record, base_of(record), sweep_dir)
+    return sweep_dir
+
+
+def main(argv=None):
+    try:
+        sweep_dir = run_sweep(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"done: sweep results in {sweep_dir}")
+
+
+if __name__ == "__main__":
+    main()
