@@ -1,0 +1,583 @@
+"""Data ingest for every stage: jsonl(.gz) in, tokenised Parquet shards cached once, batches streamed to workers.
+
+Prepare (`prepare_dataset`, on the driver):
+    input files --Ray Data: read ~4 MiB line blocks--> --map_batches: validate + tokenise (minimind.formats),
+    parallel tasks--> the driver writes equal-size Parquet shards (rows of max_seq_len + 1 tokens), a rejects
+    file and a manifest. Blocks stream through with backpressure, so memory stays flat whatever the corpus.
+    The cache directory is keyed by the input files (path, size, mtime), the spec and the tokenizer's
+    fingerprint; a second run with the same inputs reuses it.
+
+Train (inside each Ray Train worker):
+    `train_datasets()` gives the trainer a `ShardedDataConfig`; each worker's `get_dataset_shard("train")` is
+    a `WorkerShard`, whose Ray Data pipeline reads exactly the rows planned for (seed, epoch, rank, world size):
+      * epoch order: a seeded permutation of the shards, each shard's rows permuted too (seeded per shard);
+      * the resulting stream is cut into world_size equal contiguous parts of steps * batch_size rows, so
+        every worker runs the same number of steps and sees each row at most once per epoch. The remainder,
+        fewer than world_size * batch_size rows, is DROPPED; which rows fall in it changes every epoch;
+      * resuming skips whole consumed batches by planning from a later row, reading nothing twice.
+    Ray's default `streaming_split` hands blocks to whichever worker asks first, so it cannot replay a run;
+    this plan can. At prepare time rows are also scattered over a window of shards being filled, so one
+    shard (and one batch) mixes documents from far apart in the corpus instead of one author's poems.
+
+Without Ray (tests, a single process), `iter_records` reads the inputs and `iter_local_batches` yields the
+same batches as a worker of the same rank would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.train import DataConfig
+
+# minimind.formats is imported where it is used: the Ray tasks that read shards for training import this
+# module in fresh worker processes, and the minimind package pulls in torch (seconds per process).
+if TYPE_CHECKING:
+    from minimind.formats import Encoder
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1          # bump when the row layout changes, so old caches are not reused
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+@dataclass
+class DataSpec:
+    paths: tuple[str, ...]
+    format: str                          # pretrain | chat | reason | dpo
+    max_seq_len: int
+    pack: bool = True                    # pretrain only: pack documents; False pads one per row (MiniMind)
+    text_field: str = "text"             # pretrain only: the record field holding the document
+    reject_threshold: float = 0.01       # fail when more than this fraction of records is rejected
+    seed: int = 0                        # training order; does not change the cache
+    separator: str = "<|endoftext|>"     # token between packed documents
+
+    def __post_init__(self):
+        self.paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+        from minimind.formats import FORMATS
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown data format {self.format!r}; choose one of {FORMATS}")
+        if not 0 <= self.reject_threshold <= 1:
+            raise ValueError(f"reject_threshold must be within [0, 1], got {self.reject_threshold}")
+
+    def encoder(self, tokenizer) -> "Encoder":
+        from minimind.formats import Encoder
+        return Encoder(tokenizer, self.format, self.max_seq_len, pack=self.pack, text_field=self.text_field,
+                       separator=self.separator)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0] + "://" if "://" in uri else ""
+
+
+def resolve_paths(paths: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Input files as (uri, size, mtime_ns): each path a file, a directory (its *.jsonl and *.jsonl.gz, not
+    recursive), a glob (`*` in a directory part also crosses '/') or a URI pyarrow reads (s3://, gs://, ...)."""
+    found: dict[str, tuple[str, int, int]] = {}
+    for p in paths:
+        fs, path = _filesystem(str(p))
+        scheme = _scheme(str(p))
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            infos = [info]
+        elif info.type == pafs.FileType.Directory:
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(path))
+                     if i.type == pafs.FileType.File and i.path.endswith(JSONL_SUFFIXES)]
+            if not infos:
+                raise ValueError(f"{p}: directory holds no {' or '.join(JSONL_SUFFIXES)} files")
+        elif glob.has_magic(path):
+            parts = path.split("/")
+            fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            base = "/".join(parts[:fixed]) or "/"
+            deep = fixed < len(parts) - 1
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=deep, allow_not_found=True))
+                     if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)]
+            if not infos:
+                raise ValueError(f"{p}: no file matches")
+        else:
+            raise ValueError(f"{p}: no such file or directory")
+        for i in sorted(infos, key=lambda i: i.path):
+            uri = scheme + i.path if scheme else i.path
+            if uri in found:
+                log.warning("input %s is named more than once; reading it once", uri)
+            found[uri] = (uri, int(i.size), int(i.mtime_ns or 0))
+    return list(found.values())
+
+
+def iter_chunks(uri: str, block_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """Whole lines of a jsonl(.gz) file in chunks of about `block_bytes`: (number of the first line, bytes)."""
+    fs, path = _filesystem(uri)
+    line, tail = 1, b""
+    try:
+        with fs.open_input_stream(path) as f:  # compression="detect": .gz is decompressed as it streams
+            while chunk := f.read(block_bytes):
+                data = tail + chunk
+                cut = data.rfind(b"\n") + 1
+                if cut:
+                    yield line, data[:cut]
+                    line += data.count(b"\n", 0, cut)
+                tail = data[cut:]
+    except (OSError, pa.ArrowException) as e:  # e.g. a truncated .gz: no line of it can be trusted
+        raise ValueError(f"{uri}: cannot read after line {line}: {e}") from e
+    if tail:
+        yield line, tail
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    return lines
+
+
+def iter_records(paths: Sequence[str], block_bytes: int = 1 << 20) -> Iterator[tuple[str, int, object]]:
+    """(file, line number, parsed JSON or a RecordError naming file and line) for every non-blank line."""
+    from minimind.formats import RecordError, parse_line
+    for uri, _, _ in resolve_paths(paths):
+        for first, data in iter_chunks(uri, block_bytes):
+            for line, raw in enumerate(split_lines(data), first):
+                if not raw.strip():
+                    continue
+                try:
+                    yield uri, line, parse_line(raw)
+                except RecordError as e:
+                    yield uri, line, RecordError(f"{uri}:{line}: {e}")
+
+
+# ------------------------------------------------------------------------------------- Ray Data: tokenise
+
+
+def _read_blocks(batch: dict, block_bytes: int) -> Iterator[pa.Table]:
+    # One input row per file; a generator, so a file streams out block by block.
+    for uri in batch["file"]:
+        for first, data in iter_chunks(str(uri), block_bytes):
+            yield pa.table({"file": [str(uri)], "first_line": [first], "data": pa.array([data], pa.binary())})
+
+
+def _encode_blocks(batch: dict, encoder: "Encoder") -> pa.Table:
+    # One Ray task per block and one thread per task: Ray provides the parallelism, not the tokenizer's pool.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    out: dict[str, list] = {}
+    for uri, first, data in zip(batch["file"], batch["first_line"], batch["data"]):
+        block = encoder.encode_block(str(uri), int(first), split_lines(bytes(data)))
+        packet = {"file": str(uri), "records": block.records, "blank": block.blank,
+                  "truncated": block.rows.truncated, "lengths": block.rows.lengths.tobytes(),
+                  "rejects": "\n".join(r.to_json() for r in block.rejects),
+                  **{name: col.tobytes() for name, col in block.rows.columns.items()}}
+        for key, value in packet.items():
+            out.setdefault(key, []).append(value)
+    return pa.table(out)
+
+
+class _ShardWriter:
+    """Writes rows into Parquet shards of exactly `rows_per_shard` rows (the last may be shorter).
+
+    Incoming rows are scattered at random over `window` shards being filled, so each shard samples about
+    window * rows_per_shard consecutive rows of the corpus. Memory: about `window` shards.
+    """
+
+    def __init__(self, out: Path, columns: Sequence[str], row_len: int, rows_per_shard: int, window: int,
+                 seed: int):
+        self.out, self.columns, self.row_len = out, tuple(columns), row_len
+        self.rows_per_shard, self.window = rows_per_shard, window
+        self.rng = np.random.default_rng(seed)
+        self.buffers: list[list[dict]] = [[] for _ in range(window)]
+        self.counts = [0] * window
+        self.shards: list[dict] = []
+        self.rows = 0
+
+    def add(self, columns: dict[str, np.ndarray], lengths: np.ndarray) -> None:
+        dest = self.rng.integers(self.window, size=len(lengths))
+        for j in np.unique(dest):
+            keep = dest == j
+            self.buffers[j].append({"length": lengths[keep], **{k: v[keep] for k, v in columns.items()}})
+            self.counts[j] += int(keep.sum())
+            if self.counts[j] >= self.rows_per_shard:
+                rest = self._concat(self.buffers[j])
+                while rest and len(rest["length"]) >= self.rows_per_shard:
+                    rest = self._write(rest)
+                self.buffers[j], self.counts[j] = ([rest], len(rest["length"])) if rest else ([], 0)
+
+    def close(self) -> None:
+        parts = [p for buf in self.buffers for p in buf]
+        rest = self._concat(parts) if parts else None
+        while rest:
+            rest = self._write(rest)
+
+    @staticmethod
+    def _concat(parts: list[dict]) -> dict:
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _write(self, rows: dict) -> dict | None:
+        """Write the first rows_per_shard rows (or all, if fewer) as one shard; return the rest."""
+        n = min(self.rows_per_shard, len(rows["length"]))
+        name = f"shard-{len(self.shards):05d}.parquet"
+        table = pa.table({
+            "row_id": np.arange(self.rows, self.rows + n, dtype=np.int64),  # global position in the cache
+            "length": rows["length"][:n],
+            **{k: pa.FixedSizeListArray.from_arrays(pa.array(rows[k][:n].ravel()), self.row_len)
+               for k in self.columns}})
+        pq.write_table(table, self.out / name)
+        self.shards.append({"file": name, "rows": n})
+        self.rows += n
+        rest = {k: v[n:] for k, v in rows.items()}
+        return rest if len(rest["length"]) else None
+
+
+# -------------------------------------------------------------------------------------------- the cache
+
+
+@dataclass
+class Prepared:
+    """A tokenised dataset in the cache: Parquet shards plus manifest.json."""
+    path: Path
+    manifest: dict
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest["rows"]
+
+    @property
+    def shard_rows(self) -> tuple[int, ...]:
+        return tuple(s["rows"] for s in self.manifest["shards"])
+
+    @property
+    def shard_files(self) -> list[str]:
+        return [str(self.path / s["file"]) for s in self.manifest["shards"]]
+
+    @classmethod
+    def load(cls, path) -> "Prepared":
+        path = Path(path)
+        return cls(path, json.loads((path / "manifest.json").read_text(encoding="utf-8")))
+
+
+def cache_key(spec: DataSpec, files, tokenizer, **ingest) -> str:
+    """What decides the cache's content; the training seed and the reject threshold do not."""
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("seed", "reject_threshold")}
+    fields["paths"] = files
+    payload = json.dumps({"version": CACHE_VERSION, "spec": fields, "tokenizer": tokenizer.fingerprint(),
+                          "ingest": ingest}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _check_rejects(manifest: dict, threshold: float, rejects_path: str) -> None:
+    rejected, total = manifest["rejects"], manifest["rejects"] + manifest["records"]
+    if total == 0:
+        raise ValueError(f"no records found in {[f['path'] for f in manifest['files']]}")
+    if rejected / total > threshold:
+        path = Path(rejects_path)
+        first = path.read_text(encoding="utf-8").split("\n", 1)[0] if path.is_file() else "(file removed)"
+        raise ValueError(f"{rejected} of {total} records ({rejected / total:.2%}) were rejected, above the "
+                         f"threshold of {threshold:.2%}; every one is listed in {rejects_path}. "
+                         f"First: {first}")
+
+
+def prepare_dataset(spec: DataSpec, tokenizer, cache_dir, *, rows_per_shard: int = 1024, window: int = 16,
+                    block_bytes: int = 4 << 20) -> Prepared:
+    """Tokenise `spec.paths` into `cache_dir` once (Ray Data, parallel), or reuse the cache from last time.
+
+    rows_per_shard: rows per Parquet shard; the unit of shuffling and of work per worker read.
+    window: shards filled at once, over which rows are scattered (memory: `window` shards).
+    block_bytes: input bytes tokenised per Ray task (fewer, larger tasks cost less CPU: measured 4 MiB vs 1 MiB).
+    Raises ValueError when more than `spec.reject_threshold` of the records are rejected (after the pass, or
+    early when over half of the first 10,000 are); the rejects file beside the cache lists each one.
+    """
+    files = resolve_paths(spec.paths)
+    ingest = {"rows_per_shard": rows_per_shard, "window": window, "block_bytes": block_bytes}
+    name = f"{spec.format}-{spec.max_seq_len}-{cache_key(spec, files, tokenizer, **ingest)}"
+    cache_dir = Path(cache_dir)
+    out, rejects_path = cache_dir / name, cache_dir / f"{name}.rejects.jsonl"
+    if (out / "manifest.json").is_file():
+        prepared = Prepared.load(out)
+        _check_rejects(prepared.manifest, spec.reject_threshold, str(rejects_path))
+        log.info("reusing cache %s (%d rows, %d tokens)", out, prepared.num_rows, prepared.manifest["tokens"])
+        return prepared
+
+    encoder = spec.encoder(tokenizer)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        seed = int(name.rsplit("-", 1)[1], 16)  # the scatter order is part of the cache's content
+        manifest = _tokenise(files, encoder, tmp, rejects_path, rows_per_shard, window, block_bytes, seed,
+                             spec.reject_threshold)
+        manifest.update(format=spec.format, max_seq_len=spec.max_seq_len, row_len=encoder.row_len,
+                        pack=spec.pack, text_field=spec.text_field, separator=spec.separator,
+                        tokenizer=tokenizer.fingerprint(), rejects_file=str(rejects_path), **ingest)
+        _check_rejects(manifest, spec.reject_threshold, str(rejects_path))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+        try:
+            os.replace(tmp, out)  # atomic: the cache exists complete or not at all
+        except OSError:  # another process finished the same cache first
+            if not (out / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    prepared = Prepared.load(out)
+    m = prepared.manifest
+    log.info("tokenised %d records into %d rows (%d tokens, %.1f%% padding) in %.1fs: %s", m["records"],
+             m["rows"], m["tokens"], 100 * m["padding_fraction"], m["seconds"], out)
+    return prepared
+
+
+def _tokenise(files, encoder: "Encoder", out: Path, rejects_path: Path, rows_per_shard: int, window: int,
+              block_bytes: int, seed: int, threshold: float) -> dict:
+    import ray.data
+
+    from cluster.runtime import init_ray
+    from minimind.formats import columns_of
+    init_ray()
+    start = time.time()
+    columns = columns_of(encoder.format)
+    ds = ray.data.from_items([{"file": f[0]} for f in files], override_num_blocks=len(files))
+    # Reading is light and each file's task streams for the whole file, so it holds no CPU slot (tokenising
+    # takes them all); the pool size bounds how many files are open. Its different num_cpus also keeps Ray
+    # from fusing it with the tokenising tasks, which would leave one task per file (one core for one file).
+    ds = ds.map_batches(_read_blocks, batch_size=1, fn_kwargs={"block_bytes": block_bytes}, num_cpus=0,
+                        compute=ray.data.TaskPoolStrategy(size=min(len(files), 4)))
+    ds = ds.map_batches(_encode_blocks, batch_size=1, fn_kwargs={"encoder": encoder}, num_cpus=1)
+    ds.context.execution_options.preserve_order = True  # same input, same shards
+    # Ray merges a task's outputs into blocks of up to 128 MiB, and a block goes to one task: a whole file
+    # would be tokenised by one task. Small blocks give one tokenising task per chunk read.
+    ds.context.target_max_block_size = block_bytes // 2
+    # The reader would otherwise run ahead of tokenising into a large share of the object store (30% of RAM
+    # by default); this bound keeps memory flat as the corpus grows.
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=128 * block_bytes)
+
+    writer = _ShardWriter(out, columns, encoder.row_len, rows_per_shard, window, seed)
+    per_file = {uri: {"path": uri, "size": size, "mtime_ns": mtime, "records": 0, "rejects": 0, "blank": 0,
+                      "rows": 0} for uri, size, mtime in files}
+    totals = {"records": 0, "rejects": 0, "blank": 0, "rows": 0, "truncated": 0, "real_tokens": 0}
+    last_log = time.time()
+    with open(rejects_path, "w", encoding="utf-8") as rejects:
+        for packet in ds.iter_rows():
+            lengths = np.frombuffer(packet["lengths"], dtype=np.int32)
+            writer.add({k: np.frombuffer(packet[k], dtype=np.float32 if k.endswith("mask") else np.int32)
+                        .reshape(len(lengths), encoder.row_len) for k in columns}, lengths)
+            if packet["rejects"]:
+                rejects.write(packet["rejects"] + "\n")
+            counts = {"records": packet["records"], "rejects": packet["rejects"].count("\n") + bool(packet["rejects"]),
+                      "blank": packet["blank"], "rows": len(lengths)}
+            for key, value in counts.items():
+                per_file[packet["file"]][key] += value
+            for key, value in {**counts, "truncated": packet["truncated"], "real_tokens": int(lengths.sum())}.items():
+                totals[key] += value
+            seen = totals["records"] + totals["rejects"]
+            if seen >= 10_000 and totals["rejects"] > max(threshold, 0.5) * seen:
+                log.error("over half of the first %d records were rejected; stopping early", seen)
+                break  # a wrong format or field mapping: reading the rest would only fill the rejects file
+            if time.time() - last_log > 30:
+                last_log = time.time()
+                log.info("ingest: %d records, %d rejects, %.0f tokens/s", totals["records"], totals["rejects"],
+                         totals["real_tokens"] / (last_log - start))
+    writer.close()
+    if totals["rejects"]:
+        log.warning("%d records rejected (%d read); see %s", totals["rejects"],
+                    totals["rejects"] + totals["records"], rejects_path)
+    slots = writer.rows * encoder.row_len * (2 if encoder.format == "dpo" else 1)
+    return {"version": CACHE_VERSION, **totals, "tokens": slots,
+            "padding_fraction": 1 - totals["real_tokens"] / slots if slots else 0.0,
+            "files": list(per_file.values()), "shards": writer.shards, "seconds": round(time.time() - start, 2)}
+
+
+# ------------------------------------------------------------------------------------- training: the plan
+
+
+def steps_per_epoch(prepared: Prepared, batch_size: int, world_size: int) -> int:
+    """Batches each worker yields per epoch (the last partial round of world_size * batch_size is dropped)."""
+    return prepared.num_rows // (batch_size * world_size)
+
+
+@dataclass(frozen=True)
+class Piece:
+    shard: int
+    start: int  # rows [start, stop) of the shard in its epoch permutation
+    stop: int
+
+
+def plan_epoch(shard_rows: Sequence[int], seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+               skip_batches: int = 0) -> list[Piece]:
+    """The pieces of shards worker `rank` reads in `epoch`, in order, after skipping `skip_batches`."""
+    per_worker = sum(shard_rows) // (world_size * batch_size) * batch_size
+    lo, hi = rank * per_worker + skip_batches * batch_size, (rank + 1) * per_worker
+    pieces, pos = [], 0
+    for s in np.random.default_rng([seed, epoch]).permutation(len(shard_rows)):
+        a, b = max(lo, pos), min(hi, pos + shard_rows[s])
+        if a < b:
+            pieces.append(Piece(int(s), a - pos, b - pos))
+        pos += shard_rows[s]
+        if pos >= hi:
+            break
+    return pieces
+
+
+def read_piece(path: str, piece: Piece, seed: int, epoch: int) -> dict[str, np.ndarray]:
+    """One piece's rows as numpy arrays (2-D for the token columns), in its seeded in-shard order."""
+    table = pq.read_table(path)
+    order = np.random.default_rng([seed, epoch, piece.shard]).permutation(table.num_rows)
+    table = table.take(order[piece.start:piece.stop])
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+        else:
+            out[name] = col.to_numpy()
+    return out
+
+
+def _read_pieces(batch: dict, files: Sequence[str], seed: int, epoch: int) -> Iterator[dict]:
+    for s, a, b in zip(batch["shard"], batch["start"], batch["stop"]):
+        yield read_piece(files[s], Piece(int(s), int(a), int(b)), seed, epoch)
+
+
+@dataclass
+class WorkerShard:
+    """What one worker trains on: a prepared dataset seen through (seed, rank, world size).
+
+    `ray.train.get_dataset_shard(name)` returns one of these when the trainer got `train_datasets()`.
+    """
+    files: tuple[str, ...]
+    shard_rows: tuple[int, ...]
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    # Reading a shard takes milliseconds next to a training step. Read tasks reserve no CPU, so ingest cannot
+    # deadlock behind the training workers' reservations; `readers` bounds how many run at once.
+    readers: int = 2
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return sum(self.shard_rows) // (batch_size * self.world_size)
+
+    def plan(self, epoch: int, batch_size: int, skip_batches: int = 0) -> list[Piece]:
+        return plan_epoch(self.shard_rows, self.seed, epoch, self.rank, self.world_size, batch_size,
+                          skip_batches)
+
+    def dataset(self, epoch: int, batch_size: int, skip_batches: int = 0):
+        """This worker's rows of `epoch` as a Ray Dataset, in order (None when nothing is left)."""
+        import ray.data
+        pieces = self.plan(epoch, batch_size, skip_batches)
+        if not pieces:
+            return None
+        ds = ray.data.from_items([dataclasses.asdict(p) for p in pieces], override_num_blocks=len(pieces))
+        ds = ds.map_batches(_read_pieces, batch_size=1, num_cpus=0,
+                            compute=ray.data.TaskPoolStrategy(size=min(self.readers, len(pieces))),
+                            fn_kwargs={"files": self.files, "seed": self.seed, "epoch": epoch})
+        ds.context.execution_options.preserve_order = True
+        return ds
+
+    def iter_epoch(self, epoch: int, batch_size: int, skip_batches: int = 0, device="auto"):
+        """Ray Data's `iter_torch_batches` over this worker's rows of `epoch`: exactly
+        `steps_per_epoch(batch_size) - skip_batches` full batches."""
+        ds = self.dataset(epoch, batch_size, skip_batches)
+        if ds is not None:
+            yield from ds.iter_torch_batches(batch_size=batch_size, device="auto" if device is None else device,
+                                             prefetch_batches=2)
+
+    def iter_epoch_local(self, epoch: int, batch_size: int, skip_batches: int = 0, device=None):
+        """The same batches as `iter_epoch`, read in this process with pyarrow (no Ray)."""
+        import torch
+        pending: list[dict] = []
+        for piece in self.plan(epoch, batch_size, skip_batches):
+            pending.append(read_piece(self.files[piece.shard], piece, self.seed, epoch))
+            rows = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            n = len(rows["row_id"])
+            for start in range(0, n - n % batch_size, batch_size):
+                yield {k: torch.from_numpy(v[start:start + batch_size]).to(device or "cpu") for k, v in rows.items()}
+            pending = [{k: v[n - n % batch_size:] for k, v in rows.items()}] if n % batch_size else []
+
+
+def _iter_epochs(shard: WorkerShard, batch_size: int, epochs: int, skip_batches: int, local: bool, device):
+    steps = shard.steps_per_epoch(batch_size)
+    if steps == 0:
+        raise ValueError(f"{sum(shard.shard_rows)} rows cannot give {shard.world_size} worker(s) one batch of "
+                         f"{batch_size}; lower the batch size or add data")
+    first, skip = divmod(skip_batches, steps)
+    for epoch in range(first, epochs):
+        it = shard.iter_epoch_local if local else shard.iter_epoch
+        yield from it(epoch, batch_size, skip if epoch == first else 0, device)
+
+
+# --------------------------------------------------------------------------------- training: Ray Train
+
+
+class ShardedDataConfig(DataConfig):
+    """Gives each worker a `WorkerShard` of the prepared datasets named here; any other dataset (say, a
+    validation set) goes whole to every worker. Ray's DataConfig returns DataIterators; Train hands whatever
+    `configure` returns to `get_dataset_shard` unchanged, so a worker gets its WorkerShard."""
+
+    def __init__(self, prepared: dict[str, Prepared], seed: int = 0):
+        super().__init__(datasets_to_split=list(prepared))
+        self._shards = {name: (tuple(p.shard_files), p.shard_rows) for name, p in prepared.items()}
+        self._seed = seed
+
+    def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
+        others = {k: v for k, v in datasets.items() if k not in self._shards}
+        out = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs) if others \
+            else [{} for _ in range(world_size)]
+        for name in datasets:
+            if name in self._shards:
+                files, rows = self._shards[name]
+                for rank in range(world_size):
+                    out[rank][name] = WorkerShard(files, rows, self._seed, rank, world_size)
+        return out
+
+
+def train_datasets(prepared: Prepared, num_workers: int, epochs: int = 1, seed: int = 0):
+    """`(datasets, dataset_config)` for `TorchTrainer(datasets=..., dataset_config=...)`.
+
+    The dataset handed to Train only lists the shards; the config decides which rows each worker reads (see
+    the module docstring). `epochs` is not needed here: workers plan each epoch as they reach it.
+    """
+    import ray.data
+    if prepared.num_rows < num_workers:
+        raise ValueError(f"{prepared.num_rows} rows cannot feed {num_workers} workers")
+    listing = ray.data.from_items([{"file": f, "rows": n} for f, n in zip(prepared.shard_files, prepared.shard_rows)])
+    return {"train": listing}, ShardedDataConfig({"train": prepared}, seed)
+
+
+def iter_train_batches(batch_size: int, epochs: int = 1, seed: int | None = None, skip_batches: int = 0,
+                       device="auto", name: str = "train") -> Iterator[dict]:
+    """In a Ray Train worker: this worker's batches for `epochs` epochs, after skipping the first
+    `skip_batches` (counted across epochs, e.g. from a checkpoint). Each batch is a dict of tensors:
+    input_ids/loss_mask (or chosen_*/rejected_*) of shape (batch_size, max_seq_len + 1), row_id, length."""
+    import ray.train
+    shard = ray.train.get_dataset_shard(name)
+    if not isinstance(shard, WorkerShard):
+        raise TypeError(f"dataset {name!r} was not set up by cluster.data.train_datasets(); pass its "
+                        f"dataset_config to the trainer")
+    if seed is not None and seed != shard.seed:
+        shard = dataclasses.replace(shard, seed=seed)
+    yield from _iter_epochs(shard, batch_size, epochs, skip_batches, local=False, device=device)
+
+
+def iter_local_batches(prepared: Prepared, batch_size: int, epochs: int = 1, seed: int = 0,
+                       skip_batches: int = 0, device=None, rank: int = 0, world_size: int = 1
+                       ) -> Iterator[dict]:
+    """Without Ray: the batches worker `rank` of `world_size` would get from `iter_train_batches`."""
+    shard = WorkerShard(tuple(prepared.shard_files), prepared.shard_rows, seed, rank, world_size)
+    yield from _iter_epochs(shard, batch_size, epochs, skip_batches, local=True, device=device)

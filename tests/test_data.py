@@ -1,0 +1,266 @@
+"""cluster.data: input resolution, rejects, the Parquet cache, and what each Ray Train worker reads.
+
+Tests that tokenise use the session's local Ray cluster (`ray_cluster`); the rest run without Ray.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import cluster.data as data
+from cluster.data import (DataSpec, iter_local_batches, iter_records, plan_epoch, prepare_dataset,
+                          resolve_paths, steps_per_epoch)
+from minimind.tokenizer import Tokenizer
+
+BUNDLED = Path(__file__).resolve().parents[1] / "minimind" / "data"
+
+
+@pytest.fixture(scope="module")
+def tok(shared_data) -> Tokenizer:
+    return Tokenizer.from_dir(shared_data / "minimind")
+
+
+@pytest.fixture(scope="module")
+def poems(shared_data, tmp_path_factory) -> Path:
+    """The first 600 poems of the real corpus, as its own .jsonl.gz in a directory."""
+    d = tmp_path_factory.mktemp("poetry")
+    with gzip.open(shared_data / "poetry" / "poems.train.jsonl.gz", "rt", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(600)]
+    with gzip.open(d / "poems.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(lines)
+    return d
+
+
+def write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+@pytest.mark.timeout(30)
+def test_resolve_paths_files_directories_globs_uris(tmp_path):
+    for name in ("a.jsonl", "b.jsonl.gz", "notes.txt", "sub/c.jsonl"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+
+    def names(paths):
+        return [Path(p.split("://")[-1]).relative_to(tmp_path).as_posix() for p, _, _ in resolve_paths(paths)]
+    assert names([str(tmp_path)]) == ["a.jsonl", "b.jsonl.gz"]          # a directory: its jsonl files
+    assert names([f"{tmp_path}/*.jsonl*"]) == ["a.jsonl", "b.jsonl.gz"]
+    assert names([f"{tmp_path}/*/c.jsonl"]) == ["sub/c.jsonl"]
+    assert names([f"file://{tmp_path}/sub/c.jsonl", str(tmp_path / "a.jsonl")]) == ["sub/c.jsonl", "a.jsonl"]
+    assert names([str(tmp_path / "a.jsonl"), f"{tmp_path}/a.*"]) == ["a.jsonl"]  # named twice, read once
+    with pytest.raises(ValueError, match="no such file or directory"):
+        resolve_paths([str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ValueError, match="no file matches"):
+        resolve_paths([f"{tmp_path}/*.parquet"])
+
+
+@pytest.mark.timeout(30)
+def test_iter_records_gives_file_and_line(tmp_path):
+    path = tmp_path / "x.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"text": "a"}\n\n{"text": \n{"text": "b"}')  # a blank line, a broken one, no final newline
+    got = list(iter_records([str(path)], block_bytes=8))
+    assert [(line, rec) for _, line, rec in got if isinstance(rec, dict)] == [(1, {"text": "a"}), (4, {"text": "b"})]
+    (_, line, err), = [g for g in got if isinstance(g[2], Exception)]
+    assert line == 3 and isinstance(err, ValueError) and f"{path}:3: malformed JSON" in str(err)
+
+
+# --------------------------------------------------------------------------------------------- prepare
+
+
+@pytest.mark.timeout(60)
+def test_prepare_poetry_packed_and_padded(ray_cluster, tok, poems, tmp_path):
+    packed = prepare_dataset(DataSpec((str(poems),), "pretrain", 64), tok, tmp_path, rows_per_shard=64)
+    padded = prepare_dataset(DataSpec((str(poems),), "pretrain", 64, pack=False), tok, tmp_path,
+                             rows_per_shard=64)
+    m = packed.manifest
+    assert m["records"] == 600 and m["rejects"] == 0 and m["files"][0]["rows"] == m["rows"]
+    assert m["tokenizer"] == tok.fingerprint() and m["row_len"] == 65 and m["format"] == "pretrain"
+    assert m["padding_fraction"] < 0.01 and padded.manifest["padding_fraction"] > 0.1
+    assert sum(packed.shard_rows) == m["rows"] and set(packed.shard_rows[:-1]) == {64}
+    # Packing keeps every token: real tokens = the documents' tokens plus one separator each.
+    texts = [json.loads(line)["text"] for line in gzip.open(poems / "poems.jsonl.gz", "rt", encoding="utf-8")]
+    assert m["real_tokens"] == sum(len(ids) + 1 for ids in tok.encode_batch(texts))
+    # The cache's content depends on the inputs only, not on the run that wrote it.
+    again = prepare_dataset(DataSpec((str(poems),), "pretrain", 64), tok, tmp_path / "again", rows_per_shard=64)
+    assert all(pq.read_table(a).equals(pq.read_table(b)) for a, b in zip(packed.shard_files, again.shard_files))
+    batch = next(iter_local_batches(packed, batch_size=4))
+    assert batch["input_ids"].shape == (4, 65) and str(batch["input_ids"].dtype) == "torch.int32"
+    assert str(batch["loss_mask"].dtype) == "torch.float32" and (batch["loss_mask"][:, 0] == 0).all()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt, source", [("pretrain", "minimind/pretrain_sample.jsonl"),
+                                         ("chat", "minimind/sft_sample.jsonl"),
+                                         ("chat", "minimind/lora_identity.jsonl"),
+                                         ("dpo", "bundled/sample_dpo.jsonl")])
+def test_prepare_real_minimind_samples(ray_cluster, tok, shared_data, tmp_path, fmt, source):
+    root, name = source.split("/")
+    path = (BUNDLED if root == "bundled" else shared_data / root) / name
+    n_lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    p = prepare_dataset(DataSpec((str(path),), fmt, 256), tok, tmp_path)
+    assert p.manifest["records"] == n_lines and p.manifest["rejects"] == 0
+    ids_key, mask_key = ("chosen_ids", "chosen_mask") if fmt == "dpo" else ("input_ids", "loss_mask")
+    complete = 0
+    for batch in iter_local_batches(p, batch_size=1):
+        ids, mask = batch[ids_key][0], batch[mask_key][0]
+        assert ids.shape == (257,) and mask[0] == 0
+        if fmt != "pretrain" and (ids == tok.pad_id).any():  # not truncated
+            # The trained tokens are the assistant turns, each closed by <|im_end|>; never a role header.
+            trained = tok.decode(ids[mask > 0].tolist())
+            assert trained.endswith("<|im_end|>") and "<|im_start|>" not in trained
+            complete += 1
+    assert fmt == "pretrain" or complete > 0
+
+
+@pytest.mark.timeout(60)
+def test_bad_lines_go_to_the_rejects_file_and_too_many_stop_the_job(ray_cluster, tok, tmp_path, caplog):
+    good = [json.dumps({"text": f"第{i}首诗"}).encode() for i in range(300)]
+    bad = [b'{"text": "unterminated', b'{"title": "no text"}', b'{"text": 42}', b'{"text": ""}',
+           b'{"text": "\xff\xfe"}']
+    lines = good[:100] + bad[:2] + good[100:200] + bad[2:] + good[200:]
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    spec = DataSpec((str(path),), "pretrain", 32, reject_threshold=0.02)
+    with caplog.at_level(logging.WARNING, logger="cluster.data"):
+        p = prepare_dataset(spec, tok, tmp_path / "cache")
+    assert p.manifest["records"] == 300 and p.manifest["rejects"] == 5
+    assert "5 records rejected" in caplog.text
+    rejects = [json.loads(line) for line in Path(p.manifest["rejects_file"]).read_text().splitlines()]
+    assert [(r["file"], r["line"]) for r in rejects] == [(str(path), n) for n in (101, 102, 203, 204, 205)]
+    assert ["malformed JSON" in rejects[0]["error"], "missing field 'text'" in rejects[1]["error"],
+            "is int" in rejects[2]["error"], "is empty" in rejects[3]["error"],
+            "invalid UTF-8" in rejects[4]["error"]] == [True] * 5
+    # Over the threshold: a clear error, both from the cache and on a fresh run (which leaves no cache).
+    message = r"5 of 305 records \(1.64%\) were rejected, above the threshold of 1.00%"
+    with pytest.raises(ValueError, match=message):
+        prepare_dataset(DataSpec((str(path),), "pretrain", 32), tok, tmp_path / "cache")
+    with pytest.raises(ValueError, match=message):
+        prepare_dataset(DataSpec((str(path),), "pretrain", 32), tok, tmp_path / "fresh")
+    assert not list((tmp_path / "fresh").glob("*/manifest.json"))
+    assert len(list((tmp_path / "fresh").glob("*.rejects.jsonl"))) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_field_mapping_stops_early(ray_cluster, tok, tmp_path):
+    path = write_lines(tmp_path / "in.jsonl", [json.dumps({"body": f"poem {i}"}).encode() for i in range(40_000)])
+    with pytest.raises(ValueError, match=r"missing field 'text'"):
+        prepare_dataset(DataSpec((str(path),), "pretrain", 32), tok, tmp_path, block_bytes=64 << 10)
+    rejects, = tmp_path.glob("*.rejects.jsonl")
+    assert 10_000 <= len(rejects.read_text().splitlines()) < 40_000
+
+
+@pytest.mark.timeout(60)
+def test_cache_is_reused_for_the_same_inputs(ray_cluster, tok, tmp_path, caplog, monkeypatch):
+    path = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": f"text {i}"}).encode() for i in range(50)])
+    first = prepare_dataset(DataSpec((str(path),), "pretrain", 16), tok, tmp_path / "cache")
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again")
+    monkeypatch.setattr(data, "_tokenise", no_tokenising)
+    with caplog.at_level(logging.INFO, logger="cluster.data"):
+        again = prepare_dataset(DataSpec((str(path),), "pretrain", 16, seed=5), tok, tmp_path / "cache")
+    assert again.path == first.path and "reusing cache" in caplog.text
+    monkeypatch.undo()
+    # Any change to what the rows hold gets a new cache: the data, the row length, the format options.
+    with open(path, "ab") as f:
+        f.write(json.dumps({"text": "one more"}).encode() + b"\n")
+    changed = prepare_dataset(DataSpec((str(path),), "pretrain", 16), tok, tmp_path / "cache")
+    assert changed.path != first.path and changed.manifest["records"] == 51
+    assert data.cache_key(DataSpec((str(path),), "pretrain", 16), [], tok) != \
+        data.cache_key(DataSpec((str(path),), "pretrain", 17), [], tok) != \
+        data.cache_key(DataSpec((str(path),), "pretrain", 17, pack=False), [], tok)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("shard_rows, world, batch", [((64,) * 9 + (17,), 2, 8), ((5,) * 7, 3, 2),
+                                                      ((100,), 4, 3), ((10, 10, 3), 2, 11)])
+def test_plan_covers_rows_once_per_epoch_and_resumes(shard_rows, world, batch):
+    steps = sum(shard_rows) // (world * batch)
+    offsets = np.cumsum((0,) + shard_rows)
+    orders = []
+    for epoch in range(3):
+        seen = []
+        for rank in range(world):
+            rows = [(p.shard, r) for p in plan_epoch(shard_rows, 7, epoch, rank, world, batch)
+                    for r in range(p.start, p.stop)]
+            assert len(rows) == steps * batch                 # every worker: the same number of batches
+            for skip in (1, steps - 1):                       # resuming reads only what is left
+                resumed = [(p.shard, r) for p in plan_epoch(shard_rows, 7, epoch, rank, world, batch, skip)
+                           for r in range(p.start, p.stop)]
+                assert resumed == rows[skip * batch:]
+            seen += [offsets[s] + r for s, r in rows]
+        assert len(set(seen)) == len(seen)                    # at most once per epoch
+        assert sum(shard_rows) - len(seen) < world * batch    # only a remainder under one round is dropped
+        orders.append(seen)
+    assert plan_epoch(shard_rows, 7, 1, 0, world, batch) == plan_epoch(shard_rows, 7, 1, 0, world, batch)
+    if len(shard_rows) > 5:  # (in-shard order is drawn when reading; here only shard order differs)
+        assert orders[0] != orders[1]
+
+
+# ------------------------------------------------------------------------------------------ Ray Train
+
+
+def _run_trainer(storage: Path, name: str, prepared, out: Path, epochs: int, batch: int, skip: int):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.data import train_datasets
+
+    def train_fn(config):
+        # Defined here so Ray ships it by value: the workers cannot import the test module.
+        import json as json_
+        import ray.train
+        from cluster.data import iter_train_batches
+        rank = ray.train.get_context().get_world_rank()
+        seen = []
+        for b in iter_train_batches(config["batch"], epochs=config["epochs"], seed=3, skip_batches=config["skip"]):
+            assert b["input_ids"].shape == (config["batch"], 33) and b["loss_mask"].shape == (config["batch"], 33)
+            seen.append(b["row_id"].tolist())
+        with open(f"{config['out']}/rank{rank}.json", "w") as f:
+            json_.dump(seen, f)
+        ray.train.report({"batches": len(seen)})
+
+    datasets, dataset_config = train_datasets(prepared, 2, epochs, seed=3)
+    TorchTrainer(train_fn, train_loop_config={"batch": batch, "epochs": epochs, "skip": skip, "out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(storage_path=str(storage), name=name),
+                 datasets=datasets, dataset_config=dataset_config).fit()
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.timeout(240)
+def test_train_workers_see_each_row_once_per_epoch_and_replay_exactly(ray_cluster, tok, poems, tmp_path):
+    prepared = prepare_dataset(DataSpec((str(poems),), "pretrain", 32), tok, tmp_path / "cache",
+                               rows_per_shard=100)
+    batch, epochs = 8, 2
+    steps = steps_per_epoch(prepared, batch, 2)
+    (tmp_path / "a").mkdir()
+    runs = _run_trainer(tmp_path / "ray", "first", prepared, tmp_path / "a", epochs, batch, skip=0)
+    for rank, batches in enumerate(runs):
+        assert len(batches) == epochs * steps
+        # Ray Data in the worker reads exactly what the Ray-free plan says, batch for batch.
+        local = [b["row_id"].tolist() for b in iter_local_batches(prepared, batch, epochs, seed=3, rank=rank,
+                                                                   world_size=2)]
+        assert batches == local
+    epoch_rows = [[r for w in runs for b in w[e * steps:(e + 1) * steps] for r in b] for e in range(epochs)]
+    for rows in epoch_rows:
+        assert len(rows) == len(set(rows)) == 2 * steps * batch
+        assert prepared.num_rows - len(rows) < 2 * batch
+    assert epoch_rows[0] != epoch_rows[1]
+    # A second run with the same seed, resumed 3 batches into epoch 1, sees exactly the rest of the first.
+    (tmp_path / "b").mkdir()
+    resumed = _run_trainer(tmp_path / "ray", "second", prepared, tmp_path / "b", epochs, batch, skip=steps + 3)
+    assert resumed == [w[steps + 3:] for w in runs]
