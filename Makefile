@@ -21,7 +21,7 @@ demo: venv
 	$(PY) stages/pretrain.py
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: venv
 	$(PY) bench/run_all.py

@@ -22,11 +22,12 @@ def loopback_env() -> None:
 
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, address: str | None = None):
     """Start or join Ray once per process. Returns the `ray` module."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        loopback_env()  # before `import ray`: Ray reads these switches at import time
     import ray
     if ray.is_initialized():
         return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    loopback_env()
     if address:
         ray.init(address=address, log_to_driver=True)
     else:

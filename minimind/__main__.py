@@ -4,6 +4,7 @@
   info      print preset, parameter count, dtype and files of a checkpoint
   generate  stream a completion (or a chat reply with --chat) to the terminal
   convert   turn an original MiniMind .pth state dict into a checkpoint directory
+  merge-lora  fold a LoRA adapter (adapter_config.json + adapter_model.safetensors) into a base checkpoint
 """
 from __future__ import annotations
 
@@ -96,6 +97,22 @@ def cmd_convert(args):
     print(f"wrote {args.out} from {args.pth} ({model.num_parameters():,} parameters)")
 
 
+def cmd_merge_lora(args):
+    from .checkpoint import read_weights
+    from .lora import apply_lora, load_lora_state_dict, merge_lora
+    adapter = Path(args.adapter)
+    cfg_path = adapter / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing (not an adapter directory?)")
+    lora_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    model, tok = load_checkpoint(args.base)
+    apply_lora(model, int(lora_cfg["rank"]), float(lora_cfg["alpha"]), tuple(lora_cfg["targets"]))
+    weights = adapter / "adapter_model.safetensors"
+    load_lora_state_dict(model, read_weights(weights), weights)
+    save_checkpoint(merge_lora(model), args.out, tokenizer=tok)
+    print(f"wrote {args.out}: {args.base} + adapter {adapter}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minimind", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +144,11 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer")
     p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter into a base checkpoint")
+    p.add_argument("base")
+    p.add_argument("adapter", help="directory with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_merge_lora)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

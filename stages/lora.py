@@ -1,7 +1,7 @@
 """LoRA fine-tuning: the base model frozen, low-rank adapters on the chosen projections trained.
 
 The output directory holds the merged model (a plain checkpoint) and the adapter alone
-(adapter.safetensors + adapter_config.json), which `python -m minimind merge-lora` folds into any copy of
+(adapter_model.safetensors + adapter_config.json), which `python -m minimind merge-lora` folds into any copy of
 the base.
 
     python stages/lora.py --init out/sft --data lora_identity.jsonl
@@ -54,11 +54,11 @@ class LoRA(Stage):
         return merge_lora(copy.deepcopy(module).cpu().float())
 
     def save_extra(self, module, directory: Path):
-        save_file(lora_state_dict(module), str(directory / "adapter.safetensors"))
+        save_file(lora_state_dict(module), str(directory / "adapter_model.safetensors"))
         (directory / "adapter_config.json").write_text(json.dumps(self.adapter_config, indent=2))
 
     def restore(self, model, directory: Path):
-        path = directory / "adapter.safetensors"
+        path = directory / "adapter_model.safetensors"
         load_lora_state_dict(model, read_weights(path), path)
 
 

@@ -91,7 +91,7 @@ def test_lora_leaves_base_bit_identical(pretrained, tmp_path, shared_data):
                               data=(str(shared_data / "minimind" / "lora_identity.jsonl"),), max_seq_len=128))
     out = launch(cfg, LoRA())
     base, merged = read_weights(pretrained / "model.safetensors"), read_weights(out / "model.safetensors")
-    adapter = read_weights(out / "adapter.safetensors")
+    adapter = read_weights(out / "adapter_model.safetensors")
     assert set(adapter) and all(".self_attn." in k for k in adapter)
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     # Only the adapted projections differ in the merged model, by exactly alpha/r * B @ A.
@@ -101,6 +101,11 @@ def test_lora_leaves_base_bit_identical(pretrained, tmp_path, shared_data):
         stem = name[: -len(".weight")]
         delta = adapter[stem + ".lora_B"] @ adapter[stem + ".lora_A"] * scale
         assert torch.allclose(merged[name], base[name] + delta, atol=1e-6)
+    # The adapter alone, folded into the base by the CLI, gives the same merged model.
+    from minimind.__main__ import main as minimind_cli
+    assert minimind_cli(["merge-lora", str(pretrained), str(out), "--out", str(tmp_path / "merged")]) == 0
+    again = read_weights(tmp_path / "merged" / "model.safetensors")
+    assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged)
 
 
 def test_distill_from_itself_has_zero_kl(pretrained, tmp_path, shared_data):

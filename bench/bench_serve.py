@@ -1,0 +1,357 @@
+"""Serving benchmark: TTFT, TPOT and throughput of the MiniMind service against Hugging Face generate.
+
+Method (vLLM's serving benchmark): each request is a chat prompt from the real MiniMind identity set, encoded
+once and sent as token ids to every system, with a fixed output length (greedy, EOS ignored) so all systems do
+the same work. A level runs `requests` requests with at most `concurrency` in flight. Per request:
+TTFT = time to the first output token; TPOT = (latency - TTFT) / (output tokens - 1). Throughput = all output
+tokens of the level / its wall time.
+
+Systems, all in this run, on the same exported checkpoint and the same torch thread count:
+  hf            transformers `generate` (LlamaForCausalLM), one request at a time (its sequential throughput);
+  hf-batch      transformers `generate` on a left-padded batch of `concurrency` prompts (static batching);
+  engine        serve.engine in this process, continuous batching on the KV cache;
+  engine-nokv   the same scheduler recomputing every sequence in full each step (no KV cache);
+  serve         the Ray Serve application over HTTP (streamed /v1/completions), engine as above, one SSE
+                chunk per token (the default);
+  serve-50ms    the same with stream_interval_ms=50: tokens that arrive within 50 ms share a chunk.
+
+Interleaving: this machine is shared, and its load moves by 5x within minutes. At concurrency 1 the systems
+take turns request by request; above it, level by level; each level keeps its best of `rounds` rounds.
+
+  python bench/bench_serve.py --preset small              # random-weights MiniMind2-small (25.8M)
+  python bench/bench_serve.py --model DIR --concurrency 1 8 32
+Prints a table and writes bench/results/serve.json.
+"""
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cluster.runtime import loopback_env  # noqa: E402
+
+loopback_env()  # before Ray is imported anywhere: keep the benchmark's cluster on loopback
+
+import torch  # noqa: E402
+
+from minimind.generate import SamplingParams  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    model: str = field(default="", metadata={"help": "checkpoint directory; empty: a random one of --preset"})
+    preset: str = field(default="small", metadata={"help": "preset of the random checkpoint"})
+    tokenizer: str = field(default=str(REPO.parent / "shared" / "data" / "minimind"),
+                           metadata={"help": "tokenizer directory for the random checkpoint"})
+    prompts: str = field(default=str(REPO.parent / "shared" / "data" / "minimind" / "lora_identity.jsonl"),
+                         metadata={"help": "jsonl of {'conversations': [...]}; the first user turns are prompts"})
+    max_tokens: int = field(default=64, metadata={"help": "output tokens per request"})
+    concurrency: tuple[int, ...] = field(default=(1, 8, 32), metadata={"help": "concurrency levels"})
+    requests: int = field(default=0, metadata={"help": "requests per level; 0: max(8, 2 x concurrency)"})
+    threads: int = field(default=1, metadata={"help": "torch threads of every system (and the replica)"})
+    hf_threads: tuple[int, ...] = field(default=(1,), metadata={"help": "sequential HF with each of these thread "
+                                                                        "counts; the best is the baseline"})
+    stream_intervals_ms: tuple[int, ...] = field(default=(0, 50), metadata={
+        "help": "one service per value of its stream_interval_ms (0: a chunk per token, the default)"})
+    rounds: int = field(default=2, metadata={"help": "interleaved rounds; each level reports its best"})
+    no_cache: bool = field(default=True, metadata={"help": "run the no-KV-cache engine"})
+    serve: bool = field(default=True, metadata={"help": "run the Ray Serve HTTP levels"})
+    out: str = field(default=str(REPO / "bench" / "results" / "serve.json"), metadata={"help": "results file"})
+
+
+def level_requests(cfg: BenchConfig, concurrency: int) -> int:
+    return cfg.requests or max(8, 2 * concurrency)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def make_checkpoint(cfg: BenchConfig, tmp: Path) -> Path:
+    if cfg.model:
+        return Path(cfg.model)
+    from minimind.checkpoint import save_checkpoint
+    from minimind.config import get_preset
+    from minimind.model import MiniMind
+    from minimind.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    out = tmp / f"random-{cfg.preset}"
+    save_checkpoint(MiniMind(get_preset(cfg.preset)), out, tokenizer=Tokenizer.from_dir(cfg.tokenizer))
+    return out
+
+
+def load_prompts(cfg: BenchConfig, tokenizer, n: int) -> list[list[int]]:
+    questions = []
+    for line in Path(cfg.prompts).read_text(encoding="utf-8").splitlines():
+        turns = json.loads(line)["conversations"]
+        questions.append(next(t["content"] for t in turns if t["role"] == "user"))
+    return [tokenizer.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}],
+                                          tokenize=True) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+def summarize(system: str, concurrency: int, runs: list[dict], wall: float, **extra) -> dict:
+    """runs: per request {start, first, end, tokens} (perf_counter seconds)."""
+    ttft = [r["first"] - r["start"] for r in runs]
+    tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in runs if r["tokens"] > 1]
+    latency = [r["end"] - r["start"] for r in runs]
+    tokens = sum(r["tokens"] for r in runs)
+
+    def p(xs, q):
+        return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1e3
+
+    return {"system": system, "concurrency": concurrency, "requests": len(runs), "output_tokens": tokens,
+            "ttft_ms_mean": statistics.mean(ttft) * 1e3, "ttft_ms_p50": p(ttft, 0.5), "ttft_ms_p99": p(ttft, 0.99),
+            "tpot_ms_mean": statistics.mean(tpot) * 1e3, "tpot_ms_p50": p(tpot, 0.5),
+            "latency_ms_mean": statistics.mean(latency) * 1e3, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "requests_per_s": len(runs) / wall, **extra}
+
+
+async def run_level(stream_fn, prompts: list[list[int]], concurrency: int) -> tuple[list[dict], float]:
+    """Send every prompt with at most `concurrency` in flight; stream_fn(prompt) yields token counts."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(prompt):
+        async with gate:
+            run = {"start": time.perf_counter(), "first": None, "tokens": 0}
+            async for n in stream_fn(prompt):
+                if n and run["first"] is None:
+                    run["first"] = time.perf_counter()
+                run["tokens"] += n
+            run["end"] = time.perf_counter()
+            return run
+
+    start = time.perf_counter()
+    runs = await asyncio.gather(*(one(p) for p in prompts))
+    return runs, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------ systems
+
+def load_hf(ckpt: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+def bench_hf(model, prompts: list[list[int]], cfg: BenchConfig, batch: int = 1) -> tuple[list[dict], float]:
+    """transformers generate; batch > 1: left-padded static batches. Returns (runs, wall)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):  # generate calls put() with the prompt first, then once per new token
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    runs = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        group = prompts[i:i + batch]
+        width = max(map(len, group))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        clock = Clock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.max_tokens,
+                                 min_new_tokens=cfg.max_tokens, do_sample=False, pad_token_id=0, streamer=clock)
+        end = time.perf_counter()
+        assert out.shape[1] - width == cfg.max_tokens
+        runs += [{"start": t0, "first": clock.times[1], "end": end, "tokens": cfg.max_tokens} for _ in group]
+    return runs, time.perf_counter() - start
+
+
+def bench_engine(engine, prompts, cfg, concurrency):
+    params = SamplingParams.greedy(cfg.max_tokens)
+
+    async def stream(prompt):
+        async for d in engine.stream(prompt, params, ignore_eos=True):
+            yield len(d.token_ids)
+
+    return asyncio.run(run_level(stream, prompts, concurrency))
+
+
+def bench_http(url: str, model: str, prompts, cfg, concurrency):
+    import httpx
+
+    async def main():
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+            async def stream(prompt):
+                body = {"model": model, "prompt": prompt, "max_tokens": cfg.max_tokens, "temperature": 0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                async with http.stream("POST", "/v1/completions", json=body) as resp:
+                    resp.raise_for_status()
+                    seen = 0
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if event.get("usage"):  # exact count at the end; until then one event ~ one token
+                            yield event["usage"]["completion_tokens"] - seen
+                        elif event["choices"][0]["text"]:
+                            seen += 1
+                            yield 1
+            return await run_level(stream, prompts, concurrency)
+
+    return asyncio.run(main())
+
+
+def start_service(ckpt: Path, cfg: BenchConfig, max_batch: int) -> dict[str, str]:
+    """Deploy one application per stream interval; returns {system name: base URL}."""
+    from ray import serve
+
+    from cluster.runtime import init_ray
+    from serve.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    urls = {}
+    for interval in cfg.stream_intervals_ms:
+        serve.run(build_app({"model": str(ckpt), "name": "bench", "max_batch": max_batch, "max_len": 1024,
+                             "max_tokens": cfg.max_tokens, "num_cpus": 1, "threads": cfg.threads,
+                             "access_log": False, "stream_interval_ms": interval}),
+                  name=f"bench-{interval}ms", route_prefix=f"/{interval}ms")
+        urls["serve" if interval == 0 else f"serve-{interval}ms"] = f"http://127.0.0.1:{port}/{interval}ms"
+    return urls
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def print_table(rows: list[dict]):
+    head = (f"{'system':<12}{'conc':>5}{'thr':>4}{'reqs':>6}{'TTFT mean':>11}{'TTFT p99':>10}{'TPOT mean':>11}"
+            f"{'TPOT p50':>10}{'tok/s':>9}{'req/s':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['system']:<12}{r['concurrency']:>5}{r['threads']:>4}{r['requests']:>6}{r['ttft_ms_mean']:>9.1f}ms"
+              f"{r['ttft_ms_p99']:>8.1f}ms{r['tpot_ms_mean']:>9.1f}ms{r['tpot_ms_p50']:>8.1f}ms"
+              f"{r['tokens_per_s']:>9.1f}{r['requests_per_s']:>8.2f}")
+
+
+def main(argv=None):
+    from minimind.configcli import parse_config
+    from serve.engine import EngineConfig, load_engine
+
+    cfg = parse_config(BenchConfig, argv, prog="python bench/bench_serve.py", description=__doc__.split("\n")[0])
+    top = max(cfg.concurrency)
+    results: dict[tuple, dict] = {}  # (system, concurrency, threads) -> best round
+
+    def record(row):
+        key = (row["system"], row["concurrency"], row["threads"])
+        if key not in results or row["tokens_per_s"] > results[key]["tokens_per_s"]:
+            results[key] = row
+        print(f"  {row['system']:<12} c={row['concurrency']:<3} threads={row['threads']} "
+              f"{row['tokens_per_s']:8.1f} tok/s  TTFT {row['ttft_ms_mean']:7.1f} ms  TPOT {row['tpot_ms_mean']:6.1f} ms"
+              f"  (load {os.getloadavg()[0]:.1f})", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = make_checkpoint(cfg, Path(tmp))
+        engine = load_engine(ckpt, EngineConfig(max_batch=top, max_len=1024))
+        hf = load_hf(ckpt)
+        prompts = load_prompts(cfg, engine.tokenizer, max(level_requests(cfg, c) for c in cfg.concurrency))
+        print(f"checkpoint {ckpt} ({engine.model.num_parameters():,} params), prompts of "
+              f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {cfg.max_tokens} output tokens each, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+        # Greedy agreement with transformers on one request (fp32: a random model's near-ties may split late).
+        torch.set_num_threads(cfg.threads)
+        ours = engine.generate(prompts[0], SamplingParams.greedy(cfg.max_tokens), ignore_eos=True).token_ids
+        with torch.inference_mode():
+            theirs = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=cfg.max_tokens,
+                                 min_new_tokens=cfg.max_tokens, do_sample=False,
+                                 pad_token_id=0)[0, len(prompts[0]):].tolist()
+        agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+        print(f"greedy tokens identical to transformers for the first {agree} of {cfg.max_tokens}")
+
+        if cfg.no_cache:  # once, one wave per level: recomputing every sequence each step is slow
+            nokv = load_engine(ckpt, EngineConfig(max_batch=top, kv_cache=False))
+            for c in cfg.concurrency:
+                runs, wall = bench_engine(nokv, prompts[:c], cfg, c)
+                record(summarize("engine-nokv", c, runs, wall, threads=cfg.threads))
+            nokv.shutdown()
+
+        urls = start_service(ckpt, cfg, max_batch=top) if cfg.serve else {}
+        try:
+            bench_hf(hf, prompts[:1], cfg)  # warm-ups
+            bench_engine(engine, prompts[:1], cfg, 1)
+            for url in urls.values():
+                bench_http(url, "bench", prompts[:2], cfg, 1)
+            # Interleaving keeps a burst of load on this shared machine from falling on one system only: at
+            # concurrency 1 the systems take turns request by request, above it level by level; each level
+            # keeps its best round.
+            def run(system, threads, prompts_, c):
+                torch.set_num_threads(threads)
+                if system in ("hf", "hf-batch"):
+                    return bench_hf(hf, prompts_, cfg, batch=c)
+                if system == "engine":
+                    return bench_engine(engine, prompts_, cfg, c)
+                return bench_http(urls[system], "bench", prompts_, cfg, c)
+
+            for round_ in range(cfg.rounds):
+                print(f"round {round_ + 1} of {cfg.rounds}", flush=True)
+                for c in cfg.concurrency:
+                    systems = [("hf" if c == 1 else "hf-batch", t) for t in (cfg.hf_threads if c == 1 else
+                                                                              (cfg.threads,))]
+                    systems += [("engine", cfg.threads)] + [(name, cfg.threads) for name in urls]
+                    level = prompts[:level_requests(cfg, c)]
+                    if c == 1:
+                        runs = {key: [] for key in systems}
+                        for prompt in level:
+                            for key in systems:
+                                runs[key] += run(*key, [prompt], 1)[0]
+                        for (system, threads), rs in runs.items():
+                            wall = sum(r["end"] - r["start"] for r in rs)
+                            record(summarize(system, c, rs, wall, threads=threads))
+                    else:
+                        for system, threads in systems:
+                            rs, wall = run(system, threads, level, c)
+                            record(summarize(system, c, rs, wall, threads=threads))
+        finally:
+            engine.shutdown()
+            if urls:
+                from ray import serve
+
+                import ray
+                serve.shutdown()
+                ray.shutdown()
+
+    order = ["hf", "hf-batch", "engine", "engine-nokv", "serve"]
+    rows = sorted(results.values(), key=lambda r: (r["concurrency"], order.index(r["system"].split("-")[0]
+                  if r["system"].startswith("serve") else r["system"]), r["system"], r["threads"]))
+    print()
+    print_table(rows)
+    hf_best = max(r["tokens_per_s"] for r in rows if r["system"] == "hf")
+    ratios = {}
+    for r in rows:
+        if r["system"] != "hf":
+            ratios[f"{r['system']} c={r['concurrency']} / best hf sequential"] = r["tokens_per_s"] / hf_best
+    print(f"\nthroughput relative to the best sequential transformers run ({hf_best:.1f} tok/s):")
+    for name, ratio in ratios.items():
+        print(f"  {name:<36} {ratio:6.2f}x")
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": asdict(cfg), "checkpoint": cfg.model or f"random {cfg.preset}",
+                               "greedy_agreement_tokens": agree, "load_average_end": os.getloadavg(),
+                               "torch": torch.__version__, "rows": rows, "ratios": ratios}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""Ray Serve application: an OpenAI-compatible chat service over a MiniMind checkpoint directory.
+
+  serve run serve.app:app model=DIR [max_batch=16 lora=ADAPTER_DIR ...]   (args: the ServeConfig fields)
+  serve deploy serve/config.yaml                                           (replicas, autoscaling, GPU share)
+  python serve/app.py --model DIR [--host 127.0.0.1] [--port 8000]         (starts a local Ray cluster)
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both streamed as SSE or not), GET /v1/models,
+GET /health, and a chat page at /. Generation runs in `serve.engine.Engine` (continuous batching on a
+preallocated KV cache) in a child process of the replica (`serve.engine_process`); this file only validates,
+authorises and formats.
+
+Safe by default: Serve binds 127.0.0.1; when the environment variable named by `api_key_env` (default
+MINIMIND_API_KEY) is set where the app is built, /v1 routes require `Authorization: Bearer <key>`; bodies and
+max_tokens are bounded; a prompt that does not fit the context is a 400; every client error is an OpenAI-style
+JSON error with a 4xx status and the replica keeps serving.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python serve/app.py`: import the project the way replicas do, from its root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import dataclasses
+import hmac
+import html
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from cluster.runtime import REPO_ROOT, loopback_env
+
+# `serve run` imports this module before it starts Ray: keep a cluster it starts on loopback and able to
+# import this project in its workers. Ray reads these variables when it is first imported, hence this order.
+loopback_env()
+
+import pydantic  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
+from ray import serve  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+
+from serve.engine import EngineConfig  # noqa: E402
+from serve.engine_process import EngineProcess  # noqa: E402
+from serve.protocol import (SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest,  # noqa: E402
+                            ThinkSplitter, chat_chunk, chat_response, completion_response, new_id, parse_request,
+                            sse, usage, usage_chunk)
+
+STATIC = Path(__file__).resolve().parent / "static"
+APP_NAME = "minimind"
+
+
+@dataclass
+class ServeConfig:
+    """Arguments of the application builder (`serve run serve.app:app key=value ...`, config.yaml `args`)."""
+    model: str = field(default="", metadata={"help": "checkpoint directory (required); a relative path is "
+                                                        "looked up in the cwd, then in the project root"})
+    name: str = field(default="", metadata={"help": "model id clients send; default: the directory's name"})
+    lora: str = field(default="", metadata={"help": "LoRA adapter directory merged into the weights at load"})
+    dtype: str = field(default="float32", metadata={"help": "weights and KV cache dtype",
+                                                     "choices": ["float32", "bfloat16", "float64"]})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when the replica has a GPU), cpu, cuda"})
+    max_batch: int = field(default=16, metadata={"help": "KV-cache slots: requests decoded together"})
+    max_len: int = field(default=2048, metadata={"help": "context per request (prompt + completion)"})
+    max_tokens: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask (and default)"})
+    max_waiting: int = field(default=256, metadata={"help": "queued requests beyond which the server answers 503"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted"})
+    reasoning: str = field(default="auto", metadata={"help": "split <think>...</think> into reasoning_content",
+                                                      "choices": ["auto", "on", "off"]})
+    api_key_env: str = field(default="MINIMIND_API_KEY",
+                             metadata={"help": "environment variable holding the API key (unset: no auth)"})
+    num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per replica"})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPU share per replica (e.g. 0.5)"})
+    threads: int = field(default=0, metadata={"help": "torch threads of the engine; 0: floor(num_cpus)"})
+    kv_cache: bool = field(default=True, metadata={"help": "use the KV cache (off: recompute, for benchmarks)"})
+    access_log: bool = field(default=True, metadata={"help": "log every request in the replica's log"})
+    stream_interval_ms: int = field(default=0, metadata={"help": "least ms between two streamed chunks of a "
+                                                                 "request; tokens in between are merged"})
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
+        if not self.model:
+            raise ValueError("the checkpoint directory is required: model=DIR (or --model DIR)")
+        path = Path(os.path.expanduser(self.model))
+        if not path.is_absolute() and not path.exists():
+            # `serve deploy` builds the app in a worker whose cwd is not the user's: fall back to the project root.
+            path = REPO_ROOT / path
+        path = path.resolve()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model={self.model}: {path} is not a checkpoint directory (no config.json)")
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"model={self.model}: {path} has no tokenizer.json; the server needs it for prompts")
+        self.model = str(path)  # replicas run elsewhere: pass an absolute path
+        self.name = self.name or path.name
+        if self.lora:
+            self.lora = str(Path(os.path.expanduser(self.lora)).resolve())
+
+
+@dataclass
+class LaunchConfig(ServeConfig):
+    """`python serve/app.py`: the builder's arguments plus where to listen."""
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP address (0.0.0.0 exposes it to the network)"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+
+
+# ------------------------------------------------------------------------------------------ HTTP layer
+
+api = FastAPI(title="MiniMind OpenAI-compatible API", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_request, e: ApiError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request, e: StarletteHTTPException):
+    # Unknown routes and wrong methods: OpenAI's error shape instead of FastAPI's {"detail": ...}.
+    return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+
+@api.exception_handler(Exception)
+async def _server_error(_request, e: Exception):
+    return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
+                        status_code=500)
+
+
+# Module-level helpers the routes call must be defined above the class: @serve.ingress pickles the routes
+# (with the globals they name) when the class is decorated.
+def _sse_response(events) -> StreamingResponse:
+    # no-cache / X-Accel-Buffering: proxies in front must pass each event on at once, not buffer the stream.
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _collect(stream) -> tuple[str, str, dict]:
+    """Run a request to the end: (text, finish_reason, usage)."""
+    parts = []
+    async for d in stream:
+        if d.error:
+            raise ApiError(500, f"generation failed: {d.error}", type="server_error")
+        parts.append(d.text)
+    return "".join(parts), d.finish_reason, usage(d.prompt_tokens, d.completion_tokens)
+
+
+@serve.deployment(name="MiniMind", max_ongoing_requests=256, health_check_period_s=10)
+@serve.ingress(api)
+class MiniMindServer:
+    def __init__(self, config: dict, api_key: str | None):
+        from minimind.checkpoint import load_tokenizer
+
+        self.cfg = ServeConfig(**config)
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        # The engine runs in a child process so that HTTP work here never holds up a forward pass (GIL).
+        self.engine = EngineProcess(self.cfg.model, EngineConfig(self.cfg.max_batch, self.cfg.max_len,
+                                                                 self.cfg.kv_cache, self.cfg.max_waiting),
+                                    lora=self.cfg.lora or None, dtype=self.cfg.dtype, device=self.cfg.device,
+                                    threads=self.cfg.threads or max(1, math.floor(self.cfg.num_cpus)),
+                                    stream_interval=self.cfg.stream_interval_ms / 1000)
+        self.api_key = api_key
+        gen_config = Path(self.cfg.model) / "generation_config.json"
+        defaults = json.loads(gen_config.read_text(encoding="utf-8")) if gen_config.is_file() else {}
+        # Unset temperature / top_p take the checkpoint's recommendation, as transformers' generate does.
+        self.defaults = {k: defaults[k] for k in ("temperature", "top_p") if k in defaults}
+        self.created = int(time.time())
+        page = (STATIC / "index.html").read_text(encoding="utf-8")
+        self.page = page.replace("{{MODEL}}", html.escape(self.cfg.name, quote=True))
+
+    def check_health(self):
+        # Serve restarts a replica whose engine process died.
+        if not self.engine.alive:
+            raise RuntimeError("the engine process is not running")
+
+    def __del__(self):  # Serve calls this when it stops the replica
+        if hasattr(self, "engine"):
+            self.engine.shutdown()
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self):
+        return HTMLResponse(self.page)
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok", "model": self.cfg.name, "engine": await self.engine.stats()}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.cfg.name, "object": "model", "created": self.created,
+                                            "owned_by": "minimind", "max_model_len": self.engine.context_len}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._authorize(request)
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._read_body(request))
+        self._check_model(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        rid = new_id("chatcmpl")
+        stream = self._start(req, prompt)
+        if req.stream:
+            return _sse_response(self._chat_events(rid, req, stream))
+        text, finish, counts = await _collect(stream)
+        splitter = ThinkSplitter(self.cfg.reasoning)
+        reasoning, content = (a + b for a, b in zip(splitter.push(text), splitter.flush()))
+        return chat_response(rid, self.cfg.name, content, reasoning, finish, counts)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        req: CompletionRequest = parse_request(CompletionRequest, await self._read_body(request))
+        self._check_model(req.model)
+        if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], str)):
+            prompt = self.tokenizer.encode(req.prompt if isinstance(req.prompt, str) else req.prompt[0])
+        else:
+            prompt = list(req.prompt)
+            if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt):
+                raise ApiError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
+        rid = new_id("cmpl")
+        stream = self._start(req, prompt)
+        if req.stream:
+            return _sse_response(self._completion_events(rid, req, stream))
+        text, finish, counts = await _collect(stream)
+        return completion_response(rid, self.cfg.name, text, finish, counts)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _authorize(self, request: Request):
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        # Constant-time comparison: the time taken must not reveal how much of a guessed key was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a chunked body has no content-length
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    def _check_model(self, model: str):
+        if model != self.cfg.name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.cfg.name}'",
+                           param="model", code="model_not_found")
+
+    def _start(self, req, prompt: list[int]):
+        """Check the token budget and submit to the engine; every refusal here is a 4xx/503 before streaming."""
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is not None and asked > self.cfg.max_tokens:
+            raise ApiError(400, f"max_tokens is {asked}; this server allows at most {self.cfg.max_tokens}",
+                           param="max_tokens")
+        room = self.engine.context_len - len(prompt)
+        if room < 1:
+            raise ApiError(400, f"this model's maximum context length is {self.engine.context_len} tokens; the "
+                                f"prompt has {len(prompt)}", param="messages", code="context_length_exceeded")
+        params = req.sampling_params(min(self.cfg.max_tokens, room), self.defaults)
+        try:
+            return self.engine.stream(prompt, params, stop=req.stop_strings(), ignore_eos=req.ignore_eos)
+        except ValueError as e:
+            code = "context_length_exceeded" if "context length" in str(e) else None
+            raise ApiError(400, str(e), code=code) from None
+        except RuntimeError as e:  # EngineBusy, or an engine process that died (the health check restarts us)
+            raise ApiError(503, f"the server cannot take this request now ({e}); retry later",
+                           type="server_error") from None
+
+    async def _chat_events(self, rid: str, req: ChatCompletionRequest, stream):
+        name = self.cfg.name
+        splitter = ThinkSplitter(self.cfg.reasoning)
+        yield sse(chat_chunk(rid, name, {"role": "assistant", "content": ""}))
+        try:
+            async for d in stream:
+                if d.error:
+                    yield sse(ApiError(500, d.error, type="server_error").body())
+                    break
+                reasoning, content = splitter.push(d.text)
+                if d.finish_reason:
+                    reasoning, content = (a + b for a, b in zip((reasoning, content), splitter.flush()))
+                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                if delta:
+                    yield sse(chat_chunk(rid, name, delta))
+                if d.finish_reason:
+                    yield sse(chat_chunk(rid, name, {}, d.finish_reason))
+                    if req.include_usage():
+                        yield sse(usage_chunk(rid, name, "chat.completion.chunk",
+                                              usage(d.prompt_tokens, d.completion_tokens)))
+        finally:
+            await stream.aclose()  # a client that hung up cancels its request and frees the slot now
+        yield SSE_DONE
+
+    async def _completion_events(self, rid: str, req: CompletionRequest, stream):
+        name = self.cfg.name
+        try:
+            async for d in stream:
+                if d.error:
+                    yield sse(ApiError(500, d.error, type="server_error").body())
+                    break
+                if d.text or d.finish_reason:
+                    yield sse(completion_response(rid, name, d.text, d.finish_reason))
+                if d.finish_reason and req.include_usage():
+                    yield sse(usage_chunk(rid, name, "text_completion",
+                                          usage(d.prompt_tokens, d.completion_tokens)))
+        finally:
+            await stream.aclose()
+        yield SSE_DONE
+
+
+# ---------------------------------------------------------------------------------- application builder
+
+def parse_args(args: dict) -> ServeConfig:
+    """Builder arguments (strings from `serve run k=v`, typed values from config.yaml) to a ServeConfig."""
+    known = {f.name for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown application arguments {unknown}; known: {sorted(known)}")
+    try:
+        return pydantic.TypeAdapter(ServeConfig).validate_python(dict(args))
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        where = f"application argument {'.'.join(map(str, err['loc']))}: " if err["loc"] else ""
+        raise ValueError(where + err["msg"].removeprefix("Value error, ")) from None
+
+
+def build_app(args: dict) -> serve.Application:
+    """The Serve application builder: `serve run serve.app:app model=DIR` calls it with the key=value args."""
+    cfg = args if isinstance(args, ServeConfig) else parse_args(args)
+    api_key = os.environ.get(cfg.api_key_env) or None
+    options = {"num_cpus": cfg.num_cpus}
+    if cfg.num_gpus:
+        options["num_gpus"] = cfg.num_gpus
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeConfig)}
+    return MiniMindServer.options(ray_actor_options=options,
+                                  logging_config={"enable_access_log": cfg.access_log}).bind(fields, api_key)
+
+
+app = build_app  # `serve run serve.app:app model=DIR`: Serve passes arguments only to builder functions
+
+
+def main(argv=None):
+    from minimind.configcli import parse_config
+
+    cfg = parse_config(LaunchConfig, argv, prog="python serve/app.py",
+                       description="Serve a MiniMind checkpoint with an OpenAI-compatible API on a local Ray cluster.")
+    from cluster.runtime import init_ray
+
+    external = bool(os.environ.get("RAY_ADDRESS"))
+    ray = init_ray()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    base = ServeConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeConfig)})
+    serve.run(build_app(base), name=APP_NAME, route_prefix="/")
+    auth = f"API key from ${cfg.api_key_env}" if os.environ.get(cfg.api_key_env) else "no API key"
+    print(f"Serving '{cfg.name}' at http://{cfg.host}:{cfg.port}/ (OpenAI API under /v1, {auth}). Ctrl-C stops.",
+          flush=True)
+    # SIGTERM (kill, timeout, systemd) must also take the cluster down, not orphan its processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if external:
+            serve.delete(APP_NAME)  # leave a shared cluster's Serve instance running
+        else:
+            serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    from serve.app import main as _main  # as `serve.app`, not `__main__`, so replicas unpickle it by name
+    _main()

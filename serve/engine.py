@@ -1,0 +1,414 @@
+"""A continuous-batching generation engine for MiniMind: pure PyTorch, no Ray, no HTTP.
+
+One scheduler thread owns the model and a preallocated KV cache of `max_batch` slots. Each iteration it
+  1. admits waiting requests into free slots and prefills each one alone (a (1, T) forward into its slot),
+  2. runs ONE decode forward for every active request together (input (B, 1), rows = their slots),
+  3. samples a token per row with that request's SamplingParams, detects stop ids, stop strings and
+     max_tokens, hands the new text to the request's consumer, and frees the slots of finished requests.
+Requests therefore join and leave a running batch at token granularity (Orca's iteration-level scheduling,
+Yu et al. OSDI'22; vLLM's continuous batching), and N concurrent streams share each decode pass.
+
+Prefill runs one request at a time so its result never depends on what else is running: a prompt's cache
+entries and first token are the same whether the server is idle or busy. Decode rows are independent too
+(the model masks each row to its own cache length), but a batched matmul may round differently from a
+single-row one in the last bit of fp32; see tests/test_engine.py for how equality is checked.
+
+`kv_cache=False` recomputes every sequence in full each step (one forward per request): the benchmark's
+no-cache baseline, and a reference the cached path must reproduce.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import json
+import logging
+import queue
+import threading
+import traceback
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, Sequence
+
+import torch
+
+from minimind.generate import SamplingParams, TextStream, make_generator, process_logits, sample_token
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 16      # KV-cache slots: the most requests decoded together
+    max_len: int = 2048      # positions per slot (prompt + output); capped by the model's context
+    kv_cache: bool = True    # False: recompute whole sequences each step (benchmark baseline)
+    max_waiting: int = 256   # queued requests beyond which submit() raises EngineBusy
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_len < 2 or self.max_waiting < 0:
+            raise ValueError(f"invalid engine config {self}")
+
+
+@dataclass
+class Delta:
+    """New output of one request since the last Delta it received."""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last Delta
+    prompt_tokens: int = 0
+    completion_tokens: int = 0        # tokens generated so far, not counting a stop id
+    error: str | None = None
+
+    def merge(self, later: "Delta") -> "Delta":
+        """One Delta carrying both: a slow consumer gets a single chunk instead of a backlog."""
+        return Delta(self.text + later.text, self.token_ids + later.token_ids, later.finish_reason,
+                     later.prompt_tokens, later.completion_tokens, later.error)
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full; the caller should retry later (HTTP 503)."""
+
+
+def check_budget(prompt_ids: Sequence[int], max_new_tokens: int, context_len: int) -> None:
+    """Raise ValueError when a request cannot run: the server turns it into a 400 before streaming."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    if len(prompt_ids) + max_new_tokens > context_len:
+        raise ValueError(f"this model's maximum context length is {context_len} tokens; the request needs "
+                         f"{len(prompt_ids) + max_new_tokens} ({len(prompt_ids)} in the prompt, {max_new_tokens} "
+                         f"for the completion)")
+
+
+class Request:
+    """Scheduler-side state of one generation. Only the scheduler thread mutates it, except `cancelled`."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, stop: Sequence[str], stop_ids: set[int],
+                 tokenizer, emit: Callable[[Delta], None], device):
+        self.prompt, self.params = prompt, params
+        self.stop, self.stop_ids, self.emit = tuple(stop), stop_ids, emit
+        # A stop string may straddle pieces: hold back this many characters until the next token decides.
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.prompt_t = torch.tensor(prompt, device=device)
+        self.generator = make_generator(params, device)
+        self.stream = TextStream(tokenizer)
+        self.output: list[int] = []
+        self.text = ""      # decoded output, already cut at a stop string
+        self.sent = 0       # characters of `text` handed to the consumer
+        self.unsent_ids: list[int] = []
+        self.slot: int | None = None
+        self.cancelled = False
+        self.finished = False
+
+    @property
+    def plain_greedy(self) -> bool:
+        p = self.params
+        return p.temperature <= 0 and p.repetition_penalty == 1.0 and not p.presence_penalty
+
+
+class Engine:
+    """Continuous batching over a MiniMind model. Thread-safe `submit`; async `stream`; blocking `generate`."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, eos_ids: Sequence[int] | None = None,
+                 on_flush: Callable[[], None] | None = None):
+        """on_flush: called by the scheduler thread whenever the Deltas emitted so far should leave: after the
+        prefills of an iteration (first tokens go out without waiting for the decode) and after its decode.
+        serve.engine_process sends each such batch to the server process as one message."""
+        self.model = model.eval()
+        self.on_flush = on_flush
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.device = model.lm_head.weight.device
+        limit = model.config.max_position_embeddings
+        self.context_len = min(self.config.max_len, limit) if self.config.kv_cache else limit
+        self.eos_ids = set(eos_ids if eos_ids is not None else [tokenizer.eos_id])
+        self.cache = model.new_cache(self.config.max_batch, self.context_len) if self.config.kv_cache else None
+        self._free = list(range(self.config.max_batch))[::-1]  # pop() hands out slot 0 first
+        self._active: list[Request] = []
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.stats = {"steps": 0, "prefills": 0, "decoded_tokens": 0, "errors": 0,
+                      "batch_sizes": collections.Counter(), "finish_reasons": collections.Counter()}
+        self._thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
+        self._thread.start()
+        # A scheduler thread still alive when the interpreter exits makes torch abort the process ("terminate
+        # called without an active exception"): stop it first, unless the owner already has.
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
+
+    # ------------------------------------------------------------------ public interface
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[Delta], None],
+               stop: Sequence[str] = (), ignore_eos: bool = False) -> Request:
+        """Queue a request; `emit` is called from the scheduler thread with each Delta, the last one finished."""
+        params.validate()
+        check_budget(prompt_ids, params.max_new_tokens, self.context_len)
+        stop_ids = set(params.stop_ids) | (set() if ignore_eos else self.eos_ids)
+        req = Request(list(prompt_ids), params, [s for s in stop if s], stop_ids, self.tokenizer, emit, self.device)
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the engine is shut down")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise EngineBusy(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
+               ignore_eos: bool = False) -> AsyncIterator[Delta]:
+        """Submit now (so a bad or refused request raises here, before any response starts) and return an
+        async iterator of Deltas; whatever piled up since the last one arrives merged into one.
+
+        Leaving the iteration early (client disconnect, task cancelled) cancels the request and frees its slot.
+        """
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Delta] = asyncio.Queue()
+        req = self.submit(prompt_ids, params, lambda d: loop.call_soon_threadsafe(inbox.put_nowait, d),
+                          stop, ignore_eos)
+        return self._drain(req, inbox)
+
+    @staticmethod
+    async def _drain(req: Request, inbox: asyncio.Queue) -> AsyncIterator[Delta]:
+        try:
+            while True:
+                delta = await inbox.get()
+                while delta.finish_reason is None and not inbox.empty():
+                    delta = delta.merge(inbox.get_nowait())
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            req.cancelled = True  # a no-op when the request already finished
+
+    def stream_sync(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
+                    ignore_eos: bool = False, timeout: float | None = None) -> Iterator[Delta]:
+        """The blocking counterpart of `stream`, for callers without an event loop (CLI, benchmarks)."""
+        inbox: queue.Queue[Delta] = queue.Queue()
+        req = self.submit(prompt_ids, params, inbox.put, stop, ignore_eos)
+
+        def deltas():
+            try:
+                while True:
+                    delta = inbox.get(timeout=timeout)
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+            finally:
+                req.cancelled = True
+
+        return deltas()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
+                 ignore_eos: bool = False, timeout: float | None = None) -> Delta:
+        """Block until the request finishes; returns all of its output as one Delta."""
+        out = Delta()
+        for delta in self.stream_sync(prompt_ids, params, stop, ignore_eos, timeout):
+            out = out.merge(delta)
+        return out
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def snapshot(self) -> dict:
+        with self._cv:
+            return {**self.stats, "batch_sizes": dict(self.stats["batch_sizes"]),
+                    "finish_reasons": dict(self.stats["finish_reasons"]), "active": len(self._active),
+                    "waiting": len(self._waiting), "max_batch": self.config.max_batch,
+                    "context_len": self.context_len, "kv_cache": self.config.kv_cache}
+
+    def shutdown(self, timeout: float = 10.0):
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ scheduler thread
+
+    def _run(self):
+        # Grad mode is per thread: this thread must enter inference mode itself.
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._active or self._waiting):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    admitted = self._admit()
+                try:
+                    self._step(admitted)
+                except Exception:  # a bug or OOM must fail these requests, not kill the server
+                    log.exception("engine step failed")
+                    with self._cv:
+                        self.stats["errors"] += 1
+                    message = traceback.format_exc(limit=1).strip().splitlines()[-1]
+                    for req in list(self._active):
+                        self._finish(req, "error", error=message)
+                self._flush()
+        for req in list(self._active) + list(self._waiting):
+            self._finish(req, "abort")
+        self._flush()
+
+    def _flush(self):
+        if self.on_flush:
+            self.on_flush()
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into free slots (called with the lock held)."""
+        for req in [r for r in self._active if r.cancelled]:
+            self._finish(req, "abort")
+        admitted = []
+        while self._waiting and self._free:
+            req = self._waiting.popleft()
+            if req.cancelled:
+                self._finish(req, "abort")
+                continue
+            req.slot = self._free.pop()
+            self._active.append(req)
+            admitted.append(req)
+        return admitted
+
+    def _step(self, admitted: list[Request]):
+        if not self.config.kv_cache:
+            # Baseline: every request recomputes its whole sequence, one forward each.
+            logits = torch.cat([self.model(torch.tensor([r.prompt + r.output], device=self.device),
+                                           last_only=True).logits[:, -1] for r in self._active])
+            self.stats["prefills"] += len(admitted)
+            self._advance(list(self._active), logits)
+            return
+        for req in admitted:
+            self.cache.reset([req.slot])
+            logits = self.model(req.prompt_t[None], cache=self.cache,
+                                rows=torch.tensor([req.slot], device=self.device), last_only=True).logits[:, -1]
+            self.stats["prefills"] += 1
+            self._advance([req], logits)
+        if admitted:
+            self._flush()
+        # Every active request now holds a sampled token that is not in the cache yet: feed them all at once.
+        batch = list(self._active)
+        if not batch:
+            return
+        tokens = torch.tensor([[r.output[-1]] for r in batch], device=self.device)       # (B, 1)
+        rows = torch.tensor([r.slot for r in batch], device=self.device)                 # (B,)
+        logits = self.model(tokens, cache=self.cache, rows=rows, last_only=True).logits[:, -1]  # (B, V)
+        self._advance(batch, logits)
+
+    def _advance(self, batch: list[Request], logits: torch.Tensor):
+        """Sample one token per row of `logits` (B, V) and append it to its request."""
+        with self._cv:  # snapshot() copies these from other threads
+            self.stats["steps"] += 1
+            self.stats["batch_sizes"][len(batch)] += 1
+            self.stats["decoded_tokens"] += len(batch)
+        # Rows without penalties or temperature share one argmax. The cast to fp32 matches process_logits,
+        # so a request picks the same token whichever path it takes.
+        greedy = logits.float().argmax(-1).tolist() if any(r.plain_greedy for r in batch) else None
+        for i, req in enumerate(batch):
+            if req.plain_greedy:
+                token = greedy[i]
+            else:
+                out = torch.tensor(req.output, dtype=torch.long, device=self.device)
+                token = sample_token(process_logits(logits[i], req.params, req.prompt_t, out), req.params,
+                                     req.generator)
+            self._append(req, token)
+
+    def _append(self, req: Request, token: int):
+        if req.cancelled:
+            self._finish(req, "abort")
+            return
+        if token in req.stop_ids:
+            req.text += req.stream.flush()
+            self._finish(req, "stop")
+            return
+        req.output.append(token)
+        req.unsent_ids.append(token)
+        before = len(req.text)
+        req.text += req.stream.push(token)
+        if req.stop:
+            # Only text that arrived with this token (plus a stop string's length before it) can hold a new match.
+            start = max(0, before - req.holdback)
+            hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]
+            if hits:
+                req.text = req.text[:min(hits)]
+                self._finish(req, "stop")
+                return
+        if len(req.output) >= req.params.max_new_tokens:
+            req.text += req.stream.flush()
+            self._finish(req, "length")
+            return
+        ready = len(req.text) - req.holdback
+        if ready > req.sent:
+            self._send(req, req.text[req.sent:ready])
+
+    def _send(self, req: Request, text: str, finish_reason: str | None = None, error: str | None = None):
+        delta = Delta(text, req.unsent_ids, finish_reason, len(req.prompt), len(req.output), error)
+        req.sent += len(text)
+        req.unsent_ids = []
+        try:
+            req.emit(delta)
+        except RuntimeError:  # e.g. the consumer's event loop is closed: nobody is listening any more
+            req.cancelled = True
+
+    def _finish(self, req: Request, reason: str, error: str | None = None):
+        req.finished = True
+        if req in self._active:
+            self._active.remove(req)
+            self._free.append(req.slot)
+        if req in self._waiting:
+            self._waiting.remove(req)
+        with self._cv:
+            self.stats["finish_reasons"][reason] += 1
+        self._send(req, req.text[req.sent:], reason, error)
+
+
+def _shutdown_at_exit(ref):
+    engine = ref()
+    if engine is not None and engine.alive:
+        engine.shutdown()
+
+
+# ---------------------------------------------------------------------- loading a checkpoint to serve
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def merge_adapter(model, adapter_dir) -> None:
+    """Fold a LoRA adapter directory into `model`'s weights.
+
+    The directory holds `adapter_config.json` ({"rank", "alpha", "targets"}) and `adapter_model.safetensors`
+    with the tensors of `minimind.lora.lora_state_dict`. Merging once at load time makes the adapter free at
+    serving time: the batched forward is the plain model's.
+    """
+    from safetensors.torch import load_file
+
+    from minimind.lora import apply_lora, load_lora_state_dict, merge_lora
+
+    path = Path(adapter_dir)
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path}: a LoRA adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    apply_lora(model, rank=int(cfg["rank"]), alpha=float(cfg["alpha"]),
+               targets=tuple(cfg.get("targets", ("q_proj", "k_proj", "v_proj", "o_proj"))))
+    load_lora_state_dict(model, load_file(str(path / ADAPTER_WEIGHTS)), source=path)
+    merge_lora(model)
+
+
+def load_engine(model_dir, config: EngineConfig | None = None, lora: str | None = None, dtype: str = "float32",
+                device: str = "auto", on_flush: Callable[[], None] | None = None) -> Engine:
+    """An Engine over a checkpoint directory (which must carry its tokenizer), optionally with a LoRA merged."""
+    from minimind.checkpoint import load_checkpoint
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_checkpoint(model_dir, device=device)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir}: has no tokenizer.json; the server cannot encode prompts")
+    if lora:
+        merge_adapter(model, lora)
+    return Engine(model.to(DTYPES[dtype]), tokenizer, config, on_flush=on_flush)

@@ -1,0 +1,301 @@
+"""The continuous-batching engine (serve/engine.py) and the OpenAI protocol layer, without Ray.
+
+Exact equality between batched and one-at-a-time greedy decoding: a batched fp32 matmul may round differently
+from a single-row one, and on a random tiny model two logits can be close enough for that last bit to flip an
+argmax. These tests run the engine in float64, where such a flip needs two logits within ~1e-15 of each other,
+and compare against the engine's own batch-1 path and against `minimind.generate` (cache and recompute).
+"""
+import asyncio
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimind.checkpoint import save_checkpoint
+from minimind.config import PRESETS
+from minimind.generate import SamplingParams, generate
+from minimind.lora import apply_lora, lora_state_dict
+from minimind.model import MiniMind
+from minimind.tokenizer import Tokenizer
+from serve.engine import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EngineBusy, EngineConfig, load_engine
+from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ThinkSplitter, parse_request
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, shared_data):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(MiniMind(PRESETS["tiny"]), out, tokenizer=Tokenizer.from_dir(shared_data / "minimind"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    eng = load_engine(tiny_ckpt, EngineConfig(max_batch=4, max_len=256), dtype="float64")
+    yield eng
+    eng.shutdown()
+
+
+def prompts(engine, n):
+    tok = engine.tokenizer
+    texts = ["你好", "介绍一下你自己", "What is 2 + 2?", "写一首关于春天的诗", "Ray Serve", "长" * 30, "x", "今天天气"]
+    return [tok.apply_chat_template([{"role": "user", "content": texts[i % len(texts)] * (1 + i // len(texts))}],
+                                    tokenize=True) for i in range(n)]
+
+
+@pytest.mark.timeout(60)
+def test_engine_matches_reference_generate(engine):
+    for prompt in prompts(engine, 3):
+        want = generate(engine.model, prompt, SamplingParams.greedy(20))  # stops at nothing: no stop ids
+        assert engine.generate(prompt, SamplingParams.greedy(20), ignore_eos=True).token_ids == want
+        assert generate(engine.model, prompt, SamplingParams.greedy(20), use_cache=False) == want
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_greedy_equals_sequential(engine):
+    # 7 requests on 4 slots with different lengths: requests queue, join a running batch and leave it early.
+    ps = prompts(engine, 7)
+    lengths = [5, 30, 12, 40, 8, 25, 17]
+    alone = [engine.generate(p, SamplingParams.greedy(n), ignore_eos=True) for p, n in zip(ps, lengths)]
+    before = dict(engine.snapshot()["batch_sizes"])
+
+    async def together():
+        async def one(p, n):
+            return [d async for d in engine.stream(p, SamplingParams.greedy(n), ignore_eos=True)]
+        return await asyncio.gather(*(one(p, n) for p, n in zip(ps, lengths)))
+
+    for seq, deltas in zip(alone, asyncio.run(together())):
+        assert [t for d in deltas for t in d.token_ids] == seq.token_ids
+        assert "".join(d.text for d in deltas) == seq.text
+        assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == len(seq.token_ids)
+    after = engine.snapshot()["batch_sizes"]
+    batched = {size: after[size] - before.get(size, 0) for size in after if size > 1}
+    assert batched.get(4, 0) > 0, f"requests never shared a forward pass: {after}"
+
+
+@pytest.mark.timeout(60)
+def test_no_cache_mode_matches_cache(tiny_ckpt, engine):
+    recompute = load_engine(tiny_ckpt, EngineConfig(max_batch=4, kv_cache=False), dtype="float64")
+    try:
+        for prompt in prompts(engine, 3):
+            a = engine.generate(prompt, SamplingParams.greedy(12), ignore_eos=True)
+            b = recompute.generate(prompt, SamplingParams.greedy(12), ignore_eos=True)
+            assert a.token_ids == b.token_ids
+    finally:
+        recompute.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_stop_strings_stop_ids_and_lengths(engine):
+    prompt = prompts(engine, 1)[0]
+    full = engine.generate(prompt, SamplingParams.greedy(30), ignore_eos=True)
+    assert full.finish_reason == "length" and full.completion_tokens == 30
+    # A stop string from the middle of the text: the output ends right before it, and no streamed piece leaks it.
+    stop = full.text[len(full.text) // 2:][:3]
+    cut = full.text.index(stop)
+    deltas = list(engine.stream_sync(prompt, SamplingParams.greedy(30), stop=[stop, "never-appears"],
+                                     ignore_eos=True))
+    assert "".join(d.text for d in deltas) == full.text[:cut]
+    assert deltas[-1].finish_reason == "stop"
+    # A stop id ends the output before that token; it is not returned.
+    params = SamplingParams.greedy(30, stop_ids=[full.token_ids[5]])
+    out = engine.generate(prompt, params, ignore_eos=True)
+    first = full.token_ids.index(full.token_ids[5])
+    assert out.token_ids == full.token_ids[:first] and out.finish_reason == "stop"
+    # The context limit is checked before anything runs.
+    with pytest.raises(ValueError, match="maximum context length"):
+        engine.generate(prompt, SamplingParams.greedy(engine.context_len))
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([], SamplingParams.greedy(3))
+
+
+@pytest.mark.timeout(60)
+def test_seeded_sampling_does_not_depend_on_the_batch(engine):
+    ps = prompts(engine, 4)
+    sampled = SamplingParams(max_new_tokens=15, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1,
+                             presence_penalty=0.5, seed=7)
+    alone = engine.generate(ps[0], sampled, ignore_eos=True).token_ids
+
+    async def with_others():
+        async def one(p, params):
+            return [t async for d in engine.stream(p, params, ignore_eos=True) for t in d.token_ids]
+        others = [one(p, SamplingParams.greedy(15)) for p in ps[1:]]
+        return (await asyncio.gather(one(ps[0], sampled), *others))[0]
+
+    assert asyncio.run(with_others()) == alone
+    other_seed = dataclasses.replace(sampled, seed=8)
+    assert engine.generate(ps[0], other_seed, ignore_eos=True).token_ids != alone
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_request_frees_its_slot(tiny_ckpt):
+    eng = load_engine(tiny_ckpt, EngineConfig(max_batch=1, max_len=512, max_waiting=1))
+    try:
+        prompt = prompts(eng, 1)[0]
+        stream = eng.stream_sync(prompt, SamplingParams.greedy(400), ignore_eos=True)
+        next(stream)
+        stream.close()  # the consumer walks away after one piece
+        out = eng.generate(prompt, SamplingParams.greedy(3), ignore_eos=True, timeout=30)
+        assert out.completion_tokens == 3
+        assert eng.snapshot()["active"] == 0
+        # A full waiting queue refuses new work instead of growing without bound. Holding the engine's lock
+        # keeps the scheduler from admitting the first request while the second one is submitted.
+        with eng._cv:
+            eng.submit(prompt, SamplingParams.greedy(2), lambda d: None)
+            with pytest.raises(EngineBusy):
+                eng.submit(prompt, SamplingParams.greedy(2), lambda d: None)
+    finally:
+        eng.shutdown()
+    assert not eng.alive
+
+
+@pytest.mark.timeout(60)
+def test_lora_adapter_is_merged_at_load(tiny_ckpt, tmp_path):
+    from safetensors.torch import save_file
+
+    from minimind.checkpoint import load_model
+
+    model = load_model(tiny_ckpt)
+    apply_lora(model, rank=4, alpha=8.0)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            p.data.normal_(0, 0.05)  # a trained adapter: B is no longer zero
+    save_file(lora_state_dict(model), str(tmp_path / ADAPTER_WEIGHTS))
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"rank": 4, "alpha": 8.0}))
+    eng = load_engine(tiny_ckpt, EngineConfig(max_batch=1, max_len=128), lora=str(tmp_path), dtype="float64")
+    try:
+        prompt = prompts(eng, 1)[0]
+        with torch.no_grad():
+            want = model.double()(torch.tensor([prompt])).logits[0, -1].argmax().item()
+        assert eng.generate(prompt, SamplingParams.greedy(1), ignore_eos=True).token_ids == [want]
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("mode,text,want", [
+    ("auto", "<think>\nweigh it\n</think>\n\nThe answer.", ("\nweigh it\n", "The answer.")),
+    ("auto", "  <think>a</think>b", ("a", "b")),
+    ("auto", "no tags <think>x</think>", ("", "no tags <think>x</think>")),
+    ("auto", "<thin", ("", "<thin")),
+    ("on", "thinking...</think>answer", ("thinking...", "answer")),
+    ("on", "<think>t</think>a", ("t", "a")),
+    ("on", "never closed", ("never closed", "")),
+    ("off", "<think>t</think>a", ("", "<think>t</think>a")),
+])
+def test_think_splitter_streams_any_split(mode, text, want):
+    for size in (1, 2, 3, len(text)):  # tags cut at every position across pieces
+        splitter = ThinkSplitter(mode)
+        parts = [splitter.push(text[i:i + size]) for i in range(0, len(text), size)] + [splitter.flush()]
+        assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == want
+
+
+@pytest.mark.parametrize("body,param", [
+    (b'{"model": "m", "messages": [', None),
+    (b'[1, 2]', None),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": "m"}', "messages"),
+    (b'{"model": "m", "messages": []}', "messages"),
+    (b'{"model": "m", "messages": "hi"}', "messages"),
+    (b'{"model": "m", "messages": [{"role": "tool", "content": "x"}]}', "messages.0.role"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', "max_tokens"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}', "stop"),
+])
+def test_bad_chat_requests_name_the_field(body, param):
+    with pytest.raises(ApiError) as e:
+        parse_request(ChatCompletionRequest, body)
+    assert e.value.status == 400 and e.value.param == param
+    assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_good_requests_parse_with_defaults_from_the_checkpoint():
+    req = parse_request(ChatCompletionRequest, json.dumps({
+        "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_tokens": 9, "stop": "\n", "seed": 3, "top_k": 5, "user": "ignored"}).encode())
+    params = req.sampling_params(100, {"temperature": 0.85, "top_p": 0.85})
+    assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k, params.seed) == (9, .85, .85, 5, 3)
+    assert req.messages[0].text() == "hi" and req.stop_strings() == ["\n"]
+    req = parse_request(CompletionRequest, b'{"model": "m", "prompt": [1, 2, 3], "temperature": 0}')
+    assert req.sampling_params(7, {}).max_new_tokens == 7 and req.sampling_params(7, {}).temperature == 0
+
+
+def test_shipped_serve_config_builds(tiny_ckpt):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import ServeConfig, parse_args
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "serve.app:app" and config.http_options.host == "127.0.0.1"
+    cfg = parse_args({**application.args, "model": str(tiny_ckpt)})
+    assert isinstance(cfg, ServeConfig) and cfg.name == "tiny"
+    with pytest.raises(ValueError, match="unknown application arguments"):
+        parse_args({"model": str(tiny_ckpt), "max_batchh": 4})
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        parse_args({"model": "/nonexistent"})
+
+
+@pytest.mark.timeout(120)
+def test_terminal_chat(tiny_ckpt):
+    proc = subprocess.run([sys.executable, "serve/chat.py", "--model", str(tiny_ckpt), "--max-tokens", "5",
+                           "--temperature", "0"], input="你好\n/reset\n再见\n/exit\n", capture_output=True,
+                          text=True, cwd=REPO, timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("minimind> ") == 2
+
+
+@pytest.mark.timeout(120)
+def test_engine_process_streams_cancels_and_reports_its_death(tiny_ckpt, engine):
+    from serve.engine_process import EngineProcess
+
+    proc = EngineProcess(tiny_ckpt, EngineConfig(max_batch=2, max_len=256), dtype="float64")
+    prompt = prompts(engine, 1)[0]
+    want = engine.generate(prompt, SamplingParams.greedy(12), ignore_eos=True)
+
+    async def scenario():
+        got = [d async for d in proc.stream(prompt, SamplingParams.greedy(12), ignore_eos=True)]
+        assert [t for d in got for t in d.token_ids] == want.token_ids and got[-1].finish_reason == "length"
+        proc.stream_interval = 0.2  # chunks at most every 200 ms: the same tokens in far fewer pieces
+        got = [d async for d in proc.stream(prompt, SamplingParams.greedy(12), ignore_eos=True)]
+        assert [t for d in got for t in d.token_ids] == want.token_ids and len(got) < 6
+        proc.stream_interval = 0.0
+        long = proc.stream(prompt, SamplingParams.greedy(200), ignore_eos=True)
+        await long.__anext__()
+        await long.aclose()  # a client that hangs up: its slot must come back
+        for _ in range(100):
+            if (await proc.stats())["active"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await proc.stats())["active"] == 0
+        with pytest.raises(ValueError, match="maximum context length"):
+            proc.stream(prompt, SamplingParams.greedy(1000))
+        proc._proc.kill()  # the engine dies: streams end with an error or are refused, never hang
+        proc._proc.wait(10)
+        try:
+            got = [d async for d in proc.stream(prompt, SamplingParams.greedy(50), ignore_eos=True)]
+            assert got[-1].finish_reason == "error"
+        except RuntimeError:
+            pass
+
+    try:
+        asyncio.run(scenario())
+        for _ in range(100):
+            if not proc.alive:
+                break
+            time.sleep(0.05)
+        assert not proc.alive
+    finally:
+        proc.shutdown()

@@ -1,0 +1,366 @@
+"""The Ray Serve application, live: the official openai client, raw HTTP errors, and the web page in Chromium.
+
+One application is deployed for the whole module on the shared Ray cluster. Its checkpoint is a tiny model
+trained for a few seconds to answer one question with a <think> part, so the reasoning split is checked on
+real model output; other prompts give whatever the (mostly random) weights say. The replica runs in float64
+so that batched and single-row decoding pick the same greedy tokens (see tests/test_engine.py).
+"""
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimind.checkpoint import save_checkpoint
+from minimind.config import PRESETS
+from minimind.generate import SamplingParams, generate
+from minimind.model import MiniMind
+from minimind.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.ray
+
+MODEL = "minimind-test"
+KEY_ENV, KEY = "MINIMIND_TEST_API_KEY", "sk-test-key"
+QUESTION = "1+1等于几？"
+REASONING, ANSWER = "\n一加一，两个一。\n", "等于2。"
+
+
+@pytest.fixture(scope="module")
+def think_ckpt(tmp_path_factory, shared_data):
+    """A tiny model that has memorised one reasoning answer (about 100 AdamW steps)."""
+    tok = Tokenizer.from_dir(shared_data / "minimind")
+    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=True)
+    answer = tok.encode(f"<think>{REASONING}</think>\n{ANSWER}") + [tok.eos_id]
+    ids = torch.tensor([prompt + answer])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # measured: 2 threads on a busy 2-core machine ran this 30x slower
+    try:
+        torch.manual_seed(0)
+        model = MiniMind(PRESETS["tiny"])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(150):
+            logits = model(ids[:, :-1]).logits[0, len(prompt) - 1:]
+            loss = F.cross_entropy(logits, ids[0, len(prompt):])
+            if loss.item() < 0.005:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        said = generate(model, prompt, SamplingParams.greedy(len(answer), stop_ids=[tok.eos_id]))
+        assert said == answer[:-1], f"the tiny model did not learn its answer (loss {loss.item():.4f})"
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("serve") / "think-tiny"
+    save_checkpoint(model, out, tokenizer=tok)
+    return SimpleNamespace(dir=out, tokenizer=tok, prompt_tokens=len(prompt), answer_tokens=len(answer) - 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, think_ckpt):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, KEY)
+        # Strings, as `serve run serve.app:app key=value` passes them.
+        app = build_app({"model": str(think_ckpt.dir), "name": MODEL, "dtype": "float64", "max_batch": "8",
+                         "max_len": "1024", "max_tokens": "1000", "max_body_bytes": str(64 * 1024),
+                         "api_key_env": KEY_ENV, "num_cpus": "1"})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app, name="minimind-test", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, ckpt=think_ckpt,
+                          client=openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60),
+                          aclient=lambda: openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0,
+                                                             timeout=60))
+    serve.shutdown()
+
+
+def engine_stats(server) -> dict:
+    return httpx.get(server.url + "/health", timeout=10).json()["engine"]
+
+
+@pytest.mark.timeout(120)
+def test_health_models_and_page(server):
+    health = httpx.get(server.url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["model"] == MODEL
+    assert [m.id for m in server.client.models.list().data] == [MODEL]
+    page = httpx.get(server.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f'<meta name="model" content="{MODEL}">' in page.text
+
+
+@pytest.mark.timeout(120)
+def test_chat_reasoning_split_streamed_and_not(server):
+    messages = [{"role": "user", "content": QUESTION}]
+    resp = server.client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=64)
+    message = resp.choices[0].message
+    assert (message.model_extra["reasoning_content"], message.content) == (REASONING, ANSWER)
+    assert resp.choices[0].finish_reason == "stop"
+    ckpt = server.ckpt
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (ckpt.prompt_tokens, ckpt.answer_tokens)
+    assert resp.usage.total_tokens == ckpt.prompt_tokens + ckpt.answer_tokens
+
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                                        max_tokens=64, stream=True,
+                                                        stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == REASONING
+    assert "".join(d.content or "" for d in deltas) == ANSWER
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ckpt.answer_tokens
+
+
+@pytest.mark.timeout(120)
+def test_completions_streamed_and_not(server):
+    kwargs = dict(model=MODEL, prompt="从前有座山，", temperature=0, max_tokens=16)
+    resp = server.client.completions.create(**kwargs)
+    assert resp.choices[0].finish_reason in ("stop", "length") and resp.usage.prompt_tokens > 0
+    chunks = list(server.client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == resp.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == resp.choices[0].finish_reason
+    # Token ids are a prompt too.
+    ids = server.ckpt.tokenizer.encode("从前有座山，")
+    assert server.client.completions.create(**{**kwargs, "prompt": ids}).choices[0].text == resp.choices[0].text
+
+
+@pytest.mark.timeout(120)
+def test_sampling_parameters(server):
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "讲个故事"}], max_tokens=24)
+    sampled = dict(temperature=1.0, top_p=0.9, seed=11, presence_penalty=0.5,
+                   extra_body={"top_k": 40, "repetition_penalty": 1.2, "ignore_eos": True})
+    a = server.client.chat.completions.create(**ask, **sampled)
+    b = server.client.chat.completions.create(**ask, **sampled)
+    assert a.choices[0].message == b.choices[0].message  # same seed, same text
+    assert a.usage.completion_tokens == 24 and a.choices[0].finish_reason == "length"
+    # Stop strings (on a text completion: no reasoning split to think about).
+    ask = dict(model=MODEL, prompt="从前有座山，", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    greedy = server.client.completions.create(**ask).choices[0].text
+    stop = greedy[len(greedy) // 2:][:2]
+    cut = server.client.completions.create(**ask, stop=["never", stop]).choices[0]
+    assert cut.text == greedy[:greedy.index(stop)] and cut.finish_reason == "stop"
+
+
+@pytest.mark.timeout(180)
+def test_concurrent_greedy_equals_sequential(server):
+    questions = [QUESTION, "你好", "介绍一下你自己", "What is Ray?", "写一首诗", "天空为什么是蓝色的", "x", "讲个笑话"]
+    asks = [dict(model=MODEL, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=8 + 6 * i,
+                 extra_body={"ignore_eos": True}) for i, q in enumerate(questions)]
+    sequential = [server.client.chat.completions.create(**a).choices[0].message for a in asks]
+    before = engine_stats(server)["batch_sizes"]
+
+    async def concurrently():
+        client = server.aclient()
+
+        async def one(i, ask):
+            if i % 2:  # half streamed, half not: both paths share the batch
+                text, reasoning = [], []
+                async for chunk in await client.chat.completions.create(**ask, stream=True):
+                    if chunk.choices:
+                        text.append(chunk.choices[0].delta.content or "")
+                        reasoning.append((chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or "")
+                return "".join(reasoning), "".join(text)
+            message = (await client.chat.completions.create(**ask)).choices[0].message
+            return (message.model_extra or {}).get("reasoning_content") or "", message.content
+
+        try:
+            return await asyncio.gather(*(one(i, a) for i, a in enumerate(asks)))
+        finally:
+            await client.close()
+
+    together = asyncio.run(concurrently())
+    assert together == [((m.model_extra or {}).get("reasoning_content") or "", m.content) for m in sequential]
+    after = engine_stats(server)["batch_sizes"]
+    shared = {int(k): v - before.get(k, 0) for k, v in after.items() if int(k) > 1 and v > before.get(k, 0)}
+    assert max(shared, default=0) >= 4, f"concurrent requests did not share decode steps: {after}"
+
+
+def chat_body(**overrides):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **overrides}
+
+
+BAD_REQUESTS = [
+    # (name, path, body (dict, or raw bytes), headers override, expected status, expected error code or None)
+    ("invalid json", "/v1/chat/completions", b'{"model": "x", "messages": [', None, 400, None),
+    ("not an object", "/v1/chat/completions", b"[1, 2]", None, 400, None),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL}, None, 400, None),
+    ("missing model", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, None, 400, None),
+    ("messages not a list", "/v1/chat/completions", chat_body(messages="hi"), None, 400, None),
+    ("empty messages", "/v1/chat/completions", chat_body(messages=[]), None, 400, None),
+    ("bad role", "/v1/chat/completions", chat_body(messages=[{"role": "tool", "content": "x"}]), None, 400, None),
+    ("temperature mistyped", "/v1/chat/completions", chat_body(temperature="hot"), None, 400, None),
+    ("max_tokens mistyped", "/v1/chat/completions", chat_body(max_tokens="4"), None, 400, None),
+    ("max_tokens over limit", "/v1/chat/completions", chat_body(max_tokens=1001), None, 400, None),
+    ("n > 1", "/v1/chat/completions", chat_body(n=2), None, 400, None),
+    ("unknown model", "/v1/chat/completions", chat_body(model="gpt-4o"), None, 404, "model_not_found"),
+    ("prompt over context", "/v1/chat/completions",
+     chat_body(messages=[{"role": "user", "content": "长" * 5000}]), None, 400, "context_length_exceeded"),
+    ("prompt + max_tokens over context", "/v1/completions",
+     {"model": MODEL, "prompt": [5] * 1000, "max_tokens": 100}, None, 400, "context_length_exceeded"),
+    ("token id out of range", "/v1/completions", {"model": MODEL, "prompt": [10 ** 6]}, None, 400, None),
+    ("body too large", "/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "a" * 70000}]),
+     None, 413, "request_too_large"),
+    ("no api key", "/v1/chat/completions", chat_body(), {}, 401, "invalid_api_key"),
+    ("wrong api key", "/v1/models", None, {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
+    ("unknown route", "/v1/embeddings", chat_body(), None, 404, None),
+    ("wrong method", "/v1/chat/completions", None, None, 405, None),
+]
+
+
+@pytest.mark.timeout(120)
+def test_bad_requests_get_openai_errors_and_the_service_keeps_serving(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for name, path, body, headers, status, code in BAD_REQUESTS:
+            headers = auth if headers is None else headers
+            if name == "wrong method" or body is None:
+                r = http.get(path, headers=headers)
+            else:
+                content = body if isinstance(body, bytes) else json.dumps(body).encode()
+                r = http.post(path, content=content, headers={**headers, "Content-Type": "application/json"})
+            assert r.status_code == status, (name, r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["message"] and error["type"], name
+            if code:
+                assert error["code"] == code, (name, error)
+        ok = http.post("/v1/chat/completions", json=chat_body(), headers=auth)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+    # The official client maps them to its exception types.
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(**chat_body(model="nope"))
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        server.client.completions.create(model=MODEL, prompt="长" * 5000)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert engine_stats(server)["errors"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_client_that_hangs_up_frees_its_slot(server):
+    aborted = engine_stats(server)["finish_reasons"].get("abort", 0)
+    body = chat_body(max_tokens=900, ignore_eos=True, stream=True)  # seconds of work if nobody stopped it
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status_code == 200
+            events = (line for line in resp.iter_lines() if line.startswith("data: "))
+            assert '"role": "assistant"' in next(events)
+            next(events)  # the first generated text: generation has started; now hang up
+    deadline = time.monotonic() + 30
+    while (stats := engine_stats(server))["active"] or stats["waiting"]:
+        assert time.monotonic() < deadline, f"the abandoned request still holds a slot: {stats}"
+        time.sleep(0.1)
+    assert stats["finish_reasons"].get("abort", 0) == aborted + 1
+
+
+# ------------------------------------------------------------------------------------ the page, in Chromium
+
+CHROMIUM_INSTALL = "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium; installed on first use when missing (CI should install it up front)."""
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(exe).exists():
+        subprocess.run(CHROMIUM_INSTALL, shell=True, check=True, timeout=900, capture_output=True)
+    return exe
+
+
+class Browser:
+    """Headless Chromium driven through its DevTools protocol (one page, JSON over a websocket)."""
+
+    def __init__(self, exe: str, profile: Path):
+        from websockets.sync.client import connect
+
+        self.proc = subprocess.Popen(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+             "--disable-extensions", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        port_file = profile / "DevToolsActivePort"  # Chromium writes the port it picked here
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "chromium did not start"
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        page = next(t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+                    if t["type"] == "page")
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None)
+        self.ids = 0
+
+    def call(self, method: str, **params):
+        self.ids += 1
+        self.ws.send(json.dumps({"id": self.ids, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.ids:  # skip events
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    def eval(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while not (value := self.eval(expression)):
+            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+            time.sleep(0.1)
+        return value
+
+    def close(self):
+        self.ws.close()
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the browser and the renderer processes it started
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.mark.timeout(900)  # includes installing chromium when CI has not
+def test_web_page_streams_an_answer_in_chromium(server, chromium, tmp_path):
+    browser = Browser(chromium, tmp_path / "profile")
+    try:
+        browser.call("Page.navigate", url=server.url + "/")
+        browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
+        browser.eval(f"""
+            document.getElementById('api-key').value = {json.dumps(KEY)};
+            document.getElementById('temperature').value = '0';
+            document.getElementById('max-tokens').value = '64';
+            document.getElementById('prompt').value = {json.dumps(QUESTION)};
+            document.getElementById('send').click();""")
+        state = browser.wait_for("['done', 'error'].includes(document.querySelector('.assistant')?.dataset.state)"
+                                 " && document.querySelector('.assistant').dataset.state")
+        shown = json.loads(browser.eval("""JSON.stringify({
+            answer: document.querySelector('.assistant .content').textContent,
+            reasoning: document.querySelector('.assistant .reasoning').textContent,
+            chunks: Number(document.querySelector('.assistant').dataset.chunks)})"""))
+    finally:
+        browser.close()
+    assert state == "done", shown
+    assert (shown["reasoning"], shown["answer"]) == (REASONING, ANSWER)
+    assert shown["chunks"] >= 3  # role, text and finish arrived as separate server-sent events
