@@ -58,7 +58,9 @@ class Stage:
         """Load frozen helper models (reference, teacher) onto the worker's device."""
 
     def loss(self, model, batch):
-        raise NotImplementedError
+        """Next-token loss on the row's weights plus the MoE balancing loss (pretrain, SFT, LoRA)."""
+        loss, out = causal_lm_loss(model, batch)
+        return loss + out.aux_loss, {"aux_loss": out.aux_loss}
 
     def export(self, module, weights) -> MiniMind:
         """The plain model written as the checkpoint's HF directory."""

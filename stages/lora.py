@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from minimind.checkpoint import read_weights
 from minimind.lora import DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from stages.common import Stage, causal_lm_loss, run_stage, TrainConfig, BUNDLED
+from stages.common import Stage, run_stage, TrainConfig, BUNDLED
 
 
 @dataclass
@@ -45,10 +45,6 @@ class LoRA(Stage):
         self.adapter_config = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
                                "targets": list(cfg.lora_targets), "base": cfg.init}
         return model
-
-    def loss(self, model, batch):
-        loss, out = causal_lm_loss(model, batch)
-        return loss + out.aux_loss, {"aux_loss": out.aux_loss}
 
     def export(self, module, weights):
         return merge_lora(copy.deepcopy(module).cpu().float())

@@ -8,7 +8,7 @@ pretrain run (small preset, micro-batch 32 x accumulation 8, seq 512, lr 5e-4, 1
 from dataclasses import dataclass
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
-from stages.common import Stage, TrainConfig, causal_lm_loss, run_stage
+from stages.common import Stage, TrainConfig, run_stage
 
 
 @dataclass
@@ -24,10 +24,6 @@ class Pretrain(Stage):
     name = "pretrain"
     data_format = "pretrain"
     config_cls = PretrainConfig
-
-    def loss(self, model, batch):
-        loss, out = causal_lm_loss(model, batch)
-        return loss + out.aux_loss, {"aux_loss": out.aux_loss}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ The 512- and 1024-token runs are configs of this stage:
 from dataclasses import dataclass
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
-from stages.common import Stage, causal_lm_loss, run_stage, TrainConfig, BUNDLED
+from stages.common import Stage, run_stage, TrainConfig, BUNDLED
 
 
 @dataclass
@@ -25,10 +25,6 @@ class SFT(Stage):
     name = "sft"
     data_format = "chat"
     config_cls = SFTConfig
-
-    def loss(self, model, batch):
-        loss, out = causal_lm_loss(model, batch)
-        return loss + out.aux_loss, {"aux_loss": out.aux_loss}
 
 
 if __name__ == "__main__":
