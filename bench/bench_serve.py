@@ -56,6 +56,8 @@ class BenchConfig:
     max_tokens: int = field(default=64, metadata={"help": "output tokens per request"})
     concurrency: tuple[int, ...] = field(default=(1, 8, 32), metadata={"help": "concurrency levels"})
     requests: int = field(default=0, metadata={"help": "requests per level; 0: max(8, 2 x concurrency)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu or cuda: every "
+                                                          "system, and the replica gets a whole GPU on cuda"})
     threads: int = field(default=1, metadata={"help": "torch threads of every system (and the replica)"})
     hf_threads: tuple[int, ...] = field(default=(1,), metadata={"help": "sequential HF with each of these thread "
                                                                         "counts; the best is the baseline"})
@@ -136,10 +138,14 @@ async def run_level(stream_fn, prompts: list[list[int]], concurrency: int) -> tu
 
 # ------------------------------------------------------------------------------------------------ systems
 
-def load_hf(ckpt: Path):
+def resolve_device(cfg: BenchConfig) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
+def load_hf(ckpt: Path, device: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(device).eval()
 
 
 def bench_hf(model, prompts: list[list[int]], cfg: BenchConfig, batch: int = 1) -> tuple[list[dict], float]:
@@ -161,8 +167,8 @@ def bench_hf(model, prompts: list[list[int]], cfg: BenchConfig, batch: int = 1) 
     for i in range(0, len(prompts), batch):
         group = prompts[i:i + batch]
         width = max(map(len, group))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=model.device)
         clock = Clock()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -223,13 +229,36 @@ def start_service(ckpt: Path, cfg: BenchConfig, max_batch: int) -> dict[str, str
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {}
+    device = resolve_device(cfg)
+    gpu_share = round(1 / len(cfg.stream_intervals_ms), 3) if device == "cuda" else 0  # the apps share one GPU
     for interval in cfg.stream_intervals_ms:
         serve.run(build_app({"model": str(ckpt), "name": "bench", "max_batch": max_batch, "max_len": 1024,
                              "max_tokens": cfg.max_tokens, "num_cpus": 1, "threads": cfg.threads,
+                             "device": device, "num_gpus": gpu_share,
                              "access_log": False, "stream_interval_ms": interval}),
                   name=f"bench-{interval}ms", route_prefix=f"/{interval}ms")
         urls["serve" if interval == 0 else f"serve-{interval}ms"] = f"http://127.0.0.1:{port}/{interval}ms"
     return urls
+
+
+def decode_floor_ms(model, device: str, steps: int = 30) -> float:
+    """Milliseconds per token of the model's linear layers alone at batch 1 (best of 3): what any
+    implementation pays at concurrency 1, where decode streams every weight from memory once per token."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {n: torch.randn(1, 1, n, device=device) for n in {m.in_features for m in linears}}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                for m in linears:
+                    m(inputs[m.in_features])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - start) / steps * 1e3)
+    return best
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -263,8 +292,9 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(cfg, Path(tmp))
-        engine = load_engine(ckpt, EngineConfig(max_batch=top, max_len=1024))
-        hf = load_hf(ckpt)
+        device = resolve_device(cfg)
+        engine = load_engine(ckpt, EngineConfig(max_batch=top, max_len=1024), device=device)
+        hf = load_hf(ckpt, device)
         prompts = load_prompts(cfg, engine.tokenizer, max(level_requests(cfg, c) for c in cfg.concurrency))
         print(f"checkpoint {ckpt} ({engine.model.num_parameters():,} params), prompts of "
               f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {cfg.max_tokens} output tokens each, "
@@ -274,14 +304,19 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
         ours = engine.generate(prompts[0], SamplingParams.greedy(cfg.max_tokens), ignore_eos=True).token_ids
         with torch.inference_mode():
-            theirs = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=cfg.max_tokens,
+            theirs = hf.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=cfg.max_tokens,
                                  min_new_tokens=cfg.max_tokens, do_sample=False,
                                  pad_token_id=0)[0, len(prompts[0]):].tolist()
         agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
         print(f"greedy tokens identical to transformers for the first {agree} of {cfg.max_tokens}")
+        floor = decode_floor_ms(engine.model, device)
+        weight_mb = sum(m.weight.numel() * m.weight.element_size() for m in engine.model.modules()
+                        if isinstance(m, torch.nn.Linear)) / 1e6
+        print(f"decode floor: the linear layers alone take {floor:.1f} ms per token at batch 1 "
+              f"({weight_mb:.0f} MB of weights, {weight_mb / floor:.1f} GB/s): at most {1e3 / floor:.1f} tok/s")
 
         if cfg.no_cache:  # once, one wave per level: recomputing every sequence each step is slow
-            nokv = load_engine(ckpt, EngineConfig(max_batch=top, kv_cache=False))
+            nokv = load_engine(ckpt, EngineConfig(max_batch=top, kv_cache=False), device=device)
             for c in cfg.concurrency:
                 runs, wall = bench_engine(nokv, prompts[:c], cfg, c)
                 record(summarize("engine-nokv", c, runs, wall, threads=cfg.threads))
@@ -349,6 +384,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": asdict(cfg), "checkpoint": cfg.model or f"random {cfg.preset}",
                                "greedy_agreement_tokens": agree, "load_average_end": os.getloadavg(),
+                               "device": device, "decode_floor_ms_per_token": floor, "linear_weights_mb": weight_mb,
                                "torch": torch.__version__, "rows": rows, "ratios": ratios}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -11,6 +11,7 @@ import json
 import os
 import posixpath
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -88,9 +89,17 @@ class RayContext:
         import ray.data
         ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line is ours
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-epoch "Starting execution" lines
+        try:  # a "Reporting training result N: TrainingReport(...)" line per report; the progress line says it
+            from ray.train.v2._internal.execution import context as train_context
+            logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names it by file path
+        except ImportError:
+            pass
 
     def print(self, msg: str):
-        print(msg, flush=True)
+        # Not print(): Ray Train patches print in its workers to log the message *and* tee it to stdout, and the
+        # driver shows both, so every progress line came out twice. Stdout alone reaches the driver once.
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
 
     def restore_dir(self) -> Path | None:
         import ray.train

@@ -26,6 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # one fused op; the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 for stability under bf16 autocast, as Llama does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -33,20 +35,35 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float):
+    """cos and signed sin, (L, D) each, in Llama's rotate-half layout (see apply_rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (L, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (L, D): rotate-half layout
-    return emb.cos(), emb.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def apply_rope(x, cos, signed_sin):
+    """Llama's x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1).
+
+    cat(-x2, x1) * cat(s, s) == roll(x, D/2) * cat(-s, s) bit for bit, in two ops instead of five: decode on a
+    small model is dominated by per-op overhead. x: (B, H, T, D); cos/signed_sin: (B or 1, 1, T, D).
+    """
+    out = x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def apply_rope(x, cos, sin):
-    # x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+def decode_attention(q, k, v, mask):
+    """One new token per row against its row's cached keys, as two batched matmuls.
+
+    q: (B, H, 1, D); k, v: (B, Hkv, S, D); mask: (B, 1, 1, S), True where a key is visible. Query heads
+    g*H/Hkv .. (g+1)*H/Hkv - 1 share kv head g, as in SDPA's enable_gqa. On CPU this is ~2x faster than SDPA
+    with a mask for a batch of decoding rows at different lengths (32 rows, 90 keys: 0.38 vs 0.84 ms a layer).
+    """
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    scores = q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2) * D ** -0.5  # (B, Hkv, H/Hkv, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).reshape(B, H, 1, D)
 
 
 class KVCache:
@@ -54,14 +71,15 @@ class KVCache:
 
     Rows are independent slots: a row can be reset (`lengths[row] = 0`) and refilled while the other rows
     keep decoding, which is what a continuous-batching server needs. Positions past a row's length hold
-    stale values and are masked out.
+    stale values and are masked out. `lengths` lives on the host whatever the cache's device: the forward
+    pass plans its reads and writes from it without waiting on the device.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
         self.max_len = max_len
 
     def reset(self, rows=None):
@@ -72,12 +90,20 @@ class KVCache:
 
 
 class CacheView(NamedTuple):
-    """What one forward pass needs to read and write a KVCache."""
+    """How one forward pass reads and writes a KVCache, planned on the host before the layers run.
+
+    The common cases take views instead of gathers: a batch whose rows are consecutive slots reads
+    `k[first:last + 1]`, and rows that all start at the same position write one slice. Decode with one
+    request (and any batch whose rows are at the same length) needs no mask at all.
+    """
     cache: KVCache
-    rows: torch.Tensor       # (B,) cache slots of the batch rows
-    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
-    mask: torch.Tensor       # (B, 1, T, S) True where a query may attend to a key
-    span: int                # S: keys read back, up to the furthest filled position
+    slots: list[int]            # cache slot of each batch row (host)
+    rows: torch.Tensor | slice  # the same as a device index, or as the slice they form
+    positions: torch.Tensor     # (B, T) absolute positions of the new tokens
+    start: int | None           # the first new position when every row has the same one
+    mask: torch.Tensor | None   # (B, 1, T, S) True where a query may attend to a key; None: see `causal`
+    causal: bool                # no mask needed beyond causality among the new tokens (rows start at 0)
+    span: int                   # S: keys read back, up to the furthest filled position
 
 
 class Attention(nn.Module):
@@ -99,13 +125,26 @@ class Attention(nn.Module):
             # Training / full recompute: causal flash-style SDPA; GQA without copying K/V per head.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            ck, cv = view.cache.k[layer], view.cache.v[layer]            # (Bmax, Hkv, Lmax, D)
-            slots = view.rows[:, None]                                    # (B, 1)
-            ck[slots, :, view.positions] = k.transpose(1, 2).to(ck.dtype)  # (B, T, Hkv, D) scattered
-            cv[slots, :, view.positions] = v.transpose(1, 2).to(cv.dtype)
-            k = ck[view.rows, :, : view.span].to(q.dtype)                 # (B, Hkv, S, D)
-            v = cv[view.rows, :, : view.span].to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=view.mask, enable_gqa=True)
+            ck, cv = view.cache.k[layer], view.cache.v[layer]  # (Bmax, Hkv, Lmax, D)
+            if k.dtype != ck.dtype:
+                k, v = k.to(ck.dtype), v.to(cv.dtype)
+            if view.start is not None and isinstance(view.rows, slice):
+                end = view.start + T
+                ck[view.rows, :, view.start:end] = k  # (B, Hkv, T, D) into one slice
+                cv[view.rows, :, view.start:end] = v
+            else:
+                slots = view.rows if torch.is_tensor(view.rows) else torch.tensor(view.slots, device=ck.device)
+                ck[slots[:, None], :, view.positions] = k.transpose(1, 2)  # (B, T, Hkv, D) scattered
+                cv[slots[:, None], :, view.positions] = v.transpose(1, 2)
+            k = ck[view.rows, :, : view.span]  # (B, Hkv, S, D): a view when rows is a slice
+            v = cv[view.rows, :, : view.span]
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            if T == 1 and view.mask is not None and q.device.type == "cpu":
+                out = decode_attention(q, k, v, view.mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=view.mask, is_causal=view.causal,
+                                                     enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -255,17 +294,31 @@ class MiniMind(nn.Module):
         if last_only:
             x = x[:, -1:]
         if view is not None:
-            cache.lengths[view.rows] += T
+            cache.lengths[view.slots] += T
         return Output(self.lm_head(x), aux_total)
 
     def _cache_view(self, cache: KVCache, rows, B: int, T: int, device) -> CacheView:
-        rows = torch.arange(B, device=device) if rows is None else torch.as_tensor(rows, device=device)
-        positions = cache.lengths[rows][:, None] + torch.arange(T, device=device)  # (B, T)
-        span = int(positions.max()) + 1
+        slots = list(range(B)) if rows is None else rows.tolist() if torch.is_tensor(rows) else list(rows)
+        if len(slots) != B:
+            raise ValueError(f"{len(slots)} cache rows given for a batch of {B}")
+        lengths = cache.lengths.tolist()
+        starts = [lengths[r] for r in slots]
+        span = max(starts) + T
         if span > min(cache.max_len, self.config.max_position_embeddings):
             raise ValueError(f"KV cache holds {cache.max_len} positions; {span} needed")
-        mask = torch.arange(span, device=device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
-        return CacheView(cache, rows, positions, mask[:, None], span)
+        first = slots[0]
+        consecutive = slots == list(range(first, first + B))
+        start = starts[0] if all(s == starts[0] for s in starts) else None
+        positions = (torch.tensor(starts)[:, None] + torch.arange(T)).to(device, non_blocking=True)  # (B, T)
+        mask, causal = None, False
+        if start is None or (T > 1 and start > 0):
+            # Each query sees its row's keys up to its own position.
+            mask = (torch.arange(span, device=device)[None, None, :] <= positions[:, :, None])[:, None]  # (B,1,T,S)
+        elif T > 1:
+            causal = True  # every row starts empty: plain causal attention over the new tokens
+        # (start given and T == 1: one new token per row that sees all of its row's keys, no mask)
+        row_index = slice(first, first + B) if consecutive else torch.tensor(slots, device=device)
+        return CacheView(cache, slots, row_index, positions, start, mask, causal, span)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.lm_head.weight

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import heapq
 import json
 import logging
 import queue
@@ -127,7 +128,8 @@ class Engine:
         self.context_len = min(self.config.max_len, limit) if self.config.kv_cache else limit
         self.eos_ids = set(eos_ids if eos_ids is not None else [tokenizer.eos_id])
         self.cache = model.new_cache(self.config.max_batch, self.context_len) if self.config.kv_cache else None
-        self._free = list(range(self.config.max_batch))[::-1]  # pop() hands out slot 0 first
+        # A heap: the lowest free slot goes first, which keeps busy slots packed at the front of the cache.
+        self._free = list(range(self.config.max_batch))
         self._active: list[Request] = []
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -267,7 +269,7 @@ class Engine:
             if req.cancelled:
                 self._finish(req, "abort")
                 continue
-            req.slot = self._free.pop()
+            req.slot = heapq.heappop(self._free)
             self._active.append(req)
             admitted.append(req)
         return admitted
@@ -282,19 +284,18 @@ class Engine:
             return
         for req in admitted:
             self.cache.reset([req.slot])
-            logits = self.model(req.prompt_t[None], cache=self.cache,
-                                rows=torch.tensor([req.slot], device=self.device), last_only=True).logits[:, -1]
+            logits = self.model(req.prompt_t[None], cache=self.cache, rows=[req.slot], last_only=True).logits[:, -1]
             self.stats["prefills"] += 1
             self._advance([req], logits)
         if admitted:
             self._flush()
         # Every active request now holds a sampled token that is not in the cache yet: feed them all at once.
-        batch = list(self._active)
+        # In slot order: when the busy slots are consecutive the model reads the cache as a view, not a gather.
+        batch = sorted(self._active, key=lambda r: r.slot)
         if not batch:
             return
-        tokens = torch.tensor([[r.output[-1]] for r in batch], device=self.device)       # (B, 1)
-        rows = torch.tensor([r.slot for r in batch], device=self.device)                 # (B,)
-        logits = self.model(tokens, cache=self.cache, rows=rows, last_only=True).logits[:, -1]  # (B, V)
+        tokens = torch.tensor([[r.output[-1]] for r in batch], device=self.device)  # (B, 1)
+        logits = self.model(tokens, cache=self.cache, rows=[r.slot for r in batch], last_only=True).logits[:, -1]
         self._advance(batch, logits)
 
     def _advance(self, batch: list[Request], logits: torch.Tensor):
@@ -356,7 +357,7 @@ class Engine:
         req.finished = True
         if req in self._active:
             self._active.remove(req)
-            self._free.append(req.slot)
+            heapq.heappush(self._free, req.slot)
         if req in self._waiting:
             self._waiting.remove(req)
         with self._cv:

@@ -184,36 +184,42 @@ def usage_chunk(rid: str, model: str, obj: str, usage_: dict) -> dict:
 # ------------------------------------------------------------------------------------- reasoning models
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 
 class ThinkSplitter:
     """Splits a streamed answer into reasoning (inside <think>...</think>) and content, piece by piece.
 
     mode "auto": an output that starts with <think> is a reasoning output; "on": the output starts inside the
-    thinking part (a template that already opened <think>); "off": everything is content. Text that could be
-    the start of a tag is held back until the next piece decides, so a tag split across tokens never leaks.
+    thinking part (a template that already opened <think>); "off": everything is content, tags included.
+    MiniMind's reasoning template wraps the reply in <answer>...</answer>; in "auto" and "on" the content is
+    the reply without that wrapper and without the newlines just inside it. Text that could be the start of a
+    tag is held back until the next piece decides, so a tag split across tokens never leaks.
     """
 
     def __init__(self, mode: str = "auto"):
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"reasoning mode must be auto, on or off, got {mode!r}")
-        self.state = "answer" if mode == "off" else "start"
+        # start -> [think ->] reply (is it wrapped in <answer>?) -> answer;  "off": plain throughout
+        self.state = "plain" if mode == "off" else "start"
         self.mode = mode
         self.buf = ""
-        self.strip_newlines = False  # drop the newline(s) a model writes right after </think>
+        self.after_think = False     # the newline(s) a model writes right after </think> are dropped
+        self.strip_newlines = False  # ... and those right after <answer>
+        self.wrapped = False         # inside <answer>: its </answer> and the newlines before it are dropped
 
     def push(self, text: str) -> tuple[str, str]:
         """Returns (reasoning, content) ready to send."""
         self.buf += text
-        reasoning = content = ""
+        reasoning = ""
         if self.state == "start":
             head = self.buf.lstrip()
             if head.startswith(THINK_OPEN):
                 self.buf, self.state = head[len(THINK_OPEN):], "think"
-            elif THINK_OPEN.startswith(head):
-                return "", ""  # still possibly "<thi..."
+            elif THINK_OPEN.startswith(head) or ANSWER_OPEN.startswith(head):
+                return "", ""  # still possibly "<thi..." or "<ans..."
             else:
-                self.state = "think" if self.mode == "on" else "answer"
+                self.state = "think" if self.mode == "on" else "reply"
         if self.state == "think":
             end = self.buf.find(THINK_CLOSE)
             if end < 0:
@@ -221,12 +227,36 @@ class ThinkSplitter:
                 reasoning, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
                 return reasoning, ""
             reasoning, self.buf = self.buf[:end], self.buf[end + len(THINK_CLOSE):]
-            self.state, self.strip_newlines = "answer", True
-        if self.strip_newlines:
-            self.buf = self.buf.lstrip("\n")
-            self.strip_newlines = not self.buf
-        content, self.buf = self.buf, ""
-        return reasoning, content
+            self.state, self.after_think = "reply", True
+        if self.state == "reply":
+            head = self.buf.lstrip()
+            if head.startswith(ANSWER_OPEN):
+                self.buf, self.wrapped, self.strip_newlines = head[len(ANSWER_OPEN):], True, True
+            elif ANSWER_OPEN.startswith(head):
+                return reasoning, ""  # nothing visible yet, or a partial "<ans"
+            else:
+                self.strip_newlines = self.after_think
+            self.state = "answer"
+        if self.state == "answer":
+            if self.strip_newlines:
+                self.buf = self.buf.lstrip("\n")
+                self.strip_newlines = not self.buf
+            if self.wrapped:
+                end = self.buf.find(ANSWER_CLOSE)
+                if end >= 0:
+                    self.wrapped = False
+                    return reasoning, self.buf[:end].rstrip("\n") + self._take(end + len(ANSWER_CLOSE))
+                # Hold back what may still turn out to be the closing tag, or newlines just before it.
+                partial = _partial_suffix(self.buf, ANSWER_CLOSE)
+                before = self.buf[:len(self.buf) - partial]
+                keep = partial + len(before) - len(before.rstrip("\n"))
+                content, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+                return reasoning, content
+        return reasoning, self._take(0)
+
+    def _take(self, start: int) -> str:
+        rest, self.buf = self.buf[start:], ""
+        return rest
 
     def flush(self) -> tuple[str, str]:
         rest, self.buf = self.buf, ""

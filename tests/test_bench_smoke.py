@@ -29,3 +29,24 @@ def test_train_throughput_quick_cpu(ray_cluster, shared_data, tmp_path):
     assert rows["ray"]["final_loss"] == rows["replica"]["final_loss"]  # same loop, same batches
     assert 0 < rows["naive"]["padding_fraction"] < 1
     assert "gpu_idle_fraction" in rows["ray"] and "wait_fraction_vs_replica" in rows["ray"]
+
+
+def test_serve_bench_tiny_without_http(shared_data, tmp_path):
+    """The serving benchmark's in-process systems on the tiny preset (the HTTP levels need their own Serve
+    instance and are left to the real run): every system of every level is there, greedy output agrees with
+    transformers, and the decode floor is measured."""
+    spec = importlib.util.spec_from_file_location("bench_serve", BENCH.with_name("bench_serve.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "serve.json"
+    bench.main(["--preset", "tiny", "--concurrency", "1", "2", "--max-tokens", "6", "--rounds", "1",
+                "--no-serve", "--tokenizer", str(shared_data / "minimind"),
+                "--prompts", str(shared_data / "minimind" / "lora_identity.jsonl"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    got = {(r["system"], r["concurrency"]) for r in result["rows"]}
+    assert got == {("hf", 1), ("engine", 1), ("engine-nokv", 1), ("hf-batch", 2), ("engine", 2), ("engine-nokv", 2)}
+    for r in result["rows"]:
+        assert r["output_tokens"] == 6 * r["requests"] and r["tokens_per_s"] > 0 and r["ttft_ms_mean"] > 0
+    assert result["greedy_agreement_tokens"] >= 1  # all 6 here; exact logit parity is test_checkpoint's
+    assert result["decode_floor_ms_per_token"] > 0 and result["linear_weights_mb"] > 0
+    assert "engine c=2 / best hf sequential" in result["ratios"]

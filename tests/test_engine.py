@@ -189,6 +189,14 @@ def test_lora_adapter_is_merged_at_load(tiny_ckpt, tmp_path):
     ("on", "<think>t</think>a", ("t", "a")),
     ("on", "never closed", ("never closed", "")),
     ("off", "<think>t</think>a", ("", "<think>t</think>a")),
+    # MiniMind's reasoning template: the reply comes wrapped in <answer>, which is not part of the content.
+    ("auto", "<think>\nr\n</think>\n<answer>\nThe reply.\n</answer>", ("\nr\n", "The reply.")),
+    ("auto", "<answer>x</answer>", ("", "x")),
+    ("on", "r</think><answer>x\ny</answer>\nafter", ("r", "x\ny\nafter")),
+    ("auto", "<think>r</think>\n<answer>\nunclosed\n", ("r", "unclosed\n")),
+    ("auto", "<ans", ("", "<ans")),
+    ("auto", "a </answer> b", ("", "a </answer> b")),
+    ("off", "<answer>x</answer>", ("", "<answer>x</answer>")),
 ])
 def test_think_splitter_streams_any_split(mode, text, want):
     for size in (1, 2, 3, len(text)):  # tags cut at every position across pieces

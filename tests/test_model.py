@@ -82,6 +82,40 @@ def test_cache_rows_are_independent_slots():
     assert cache.lengths.tolist() == [9, 5]
 
 
+@pytest.mark.parametrize("slots", [[0, 1, 2], [3, 1, 0], [4, 2, 5]], ids=["consecutive", "permuted", "gaps"])
+def test_cache_paths_match_full_forward(slots):
+    """Every way a forward plans its cache access gives the full forward's logits: slice or gathered rows,
+    one shared start or per-row starts, causal prefill, a chunk appended after a prefix (masked), decode."""
+    torch.manual_seed(5)
+    model = MiniMind(PRESETS["tiny"]).eval()
+    x = torch.randint(0, 6400, (3, 24))
+    cache = model.new_cache(6, 32)
+    with torch.no_grad():
+        full = model(x).logits
+        got = [model(x[:, :6], cache=cache, rows=slots).logits,                   # all rows start at 0
+               model(x[:, 6:11], cache=cache, rows=torch.tensor(slots)).logits]   # T > 1 after a prefix
+        got += [model(x[:, i:i + 1], cache=cache, rows=slots).logits for i in range(11, 14)]
+        assert torch.allclose(full[:, :14], torch.cat(got, 1), atol=1e-5)
+        # Rows at different lengths: advance row 0 alone, then decode the batch together.
+        steps = [model(x[:1, 14:16], cache=cache, rows=slots[:1]).logits]
+        mixed = model(torch.stack([x[0, 16:17], x[1, 14:15], x[2, 14:15]]), cache=cache, rows=slots).logits
+    assert torch.allclose(full[:1, 14:16], steps[0], atol=1e-5)
+    assert torch.allclose(mixed[0, 0], full[0, 16], atol=1e-5)
+    assert torch.allclose(mixed[1:, 0], full[1:, 14], atol=1e-5)
+    assert [cache.lengths[s].item() for s in slots] == [17, 15, 15]
+
+
+def test_cache_refuses_overflow_and_row_mismatch():
+    model = MiniMind(PRESETS["tiny"]).eval()
+    cache = model.new_cache(2, 8)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="holds 8 positions; 9 needed"):
+            model(torch.zeros(1, 9, dtype=torch.long), cache=cache, rows=[0])
+        with pytest.raises(ValueError, match="2 cache rows given for a batch of 1"):
+            model(torch.zeros(1, 2, dtype=torch.long), cache=cache, rows=[0, 1])
+    assert cache.lengths.tolist() == [0, 0]  # a refused forward leaves the cache as it was
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_greedy_with_cache_equals_recompute(preset):
     torch.manual_seed(3)
