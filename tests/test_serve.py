@@ -1,8 +1,8 @@
 """The Ray Serve application, live: the official openai client, raw HTTP errors, and the web page in Chromium.
 
 One application is deployed for the whole module on the shared Ray cluster. Its checkpoint is a tiny model
-trained for a few seconds to answer one question with a <think> part, so the reasoning split is checked on
-real model output; other prompts give whatever the (mostly random) weights say. The replica runs in float64
+trained for a few seconds to answer one question with a <think> part and an <answer> wrapper, so the
+reasoning split is checked on real model output; other prompts give whatever the (mostly random) weights say. The replica runs in float64
 so that batched and single-row decoding pick the same greedy tokens (see tests/test_engine.py).
 """
 import asyncio
@@ -38,10 +38,10 @@ REASONING, ANSWER = "\n一加一，两个一。\n", "等于2。"
 
 @pytest.fixture(scope="module")
 def think_ckpt(tmp_path_factory, shared_data):
-    """A tiny model that has memorised one reasoning answer (about 100 AdamW steps)."""
+    """A tiny model that has memorised one reasoning answer in MiniMind's template (about 100 AdamW steps)."""
     tok = Tokenizer.from_dir(shared_data / "minimind")
     prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=True)
-    answer = tok.encode(f"<think>{REASONING}</think>\n{ANSWER}") + [tok.eos_id]
+    answer = tok.encode(f"<think>{REASONING}</think>\n<answer>\n{ANSWER}\n</answer>") + [tok.eos_id]
     ids = torch.tensor([prompt + answer])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # measured: 2 threads on a busy 2-core machine ran this 30x slower
