@@ -58,6 +58,8 @@ class BenchConfig:
     requests: int = field(default=0, metadata={"help": "requests per level; 0: max(8, 2 x concurrency)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu or cuda: every "
                                                           "system, and the replica gets a whole GPU on cuda"})
+    dtype: str = field(default="float32", metadata={"help": "weights (and KV cache) of every system",
+                                                     "choices": ["float32", "bfloat16"]})
     threads: int = field(default=1, metadata={"help": "torch threads of every system (and the replica)"})
     hf_threads: tuple[int, ...] = field(default=(1,), metadata={"help": "sequential HF with each of these thread "
                                                                         "counts; the best is the baseline"})
@@ -142,10 +144,10 @@ def resolve_device(cfg: BenchConfig) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
 
 
-def load_hf(ckpt: Path, device: str):
+def load_hf(ckpt: Path, device: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype)).to(device).eval()
 
 
 def bench_hf(model, prompts: list[list[int]], cfg: BenchConfig, batch: int = 1) -> tuple[list[dict], float]:
@@ -234,7 +236,7 @@ def start_service(ckpt: Path, cfg: BenchConfig, max_batch: int) -> dict[str, str
     for interval in cfg.stream_intervals_ms:
         serve.run(build_app({"model": str(ckpt), "name": "bench", "max_batch": max_batch, "max_len": 1024,
                              "max_tokens": cfg.max_tokens, "num_cpus": 1, "threads": cfg.threads,
-                             "device": device, "num_gpus": gpu_share,
+                             "device": device, "num_gpus": gpu_share, "dtype": cfg.dtype,
                              "access_log": False, "stream_interval_ms": interval}),
                   name=f"bench-{interval}ms", route_prefix=f"/{interval}ms")
         urls["serve" if interval == 0 else f"serve-{interval}ms"] = f"http://127.0.0.1:{port}/{interval}ms"
@@ -245,7 +247,8 @@ def decode_floor_ms(model, device: str, steps: int = 30) -> float:
     """Milliseconds per token of the model's linear layers alone at batch 1 (best of 3): what any
     implementation pays at concurrency 1, where decode streams every weight from memory once per token."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {n: torch.randn(1, 1, n, device=device) for n in {m.in_features for m in linears}}
+    inputs = {n: torch.randn(1, 1, n, device=device, dtype=linears[0].weight.dtype)
+              for n in {m.in_features for m in linears}}
     best = float("inf")
     with torch.inference_mode():
         for _ in range(3):
@@ -293,8 +296,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(cfg, Path(tmp))
         device = resolve_device(cfg)
-        engine = load_engine(ckpt, EngineConfig(max_batch=top, max_len=1024), device=device)
-        hf = load_hf(ckpt, device)
+        engine = load_engine(ckpt, EngineConfig(max_batch=top, max_len=1024), dtype=cfg.dtype, device=device)
+        hf = load_hf(ckpt, device, cfg.dtype)
         prompts = load_prompts(cfg, engine.tokenizer, max(level_requests(cfg, c) for c in cfg.concurrency))
         print(f"checkpoint {ckpt} ({engine.model.num_parameters():,} params), prompts of "
               f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {cfg.max_tokens} output tokens each, "
@@ -316,7 +319,7 @@ def main(argv=None):
               f"({weight_mb:.0f} MB of weights, {weight_mb / floor:.1f} GB/s): at most {1e3 / floor:.1f} tok/s")
 
         if cfg.no_cache:  # once, one wave per level: recomputing every sequence each step is slow
-            nokv = load_engine(ckpt, EngineConfig(max_batch=top, kv_cache=False), device=device)
+            nokv = load_engine(ckpt, EngineConfig(max_batch=top, kv_cache=False), dtype=cfg.dtype, device=device)
             for c in cfg.concurrency:
                 runs, wall = bench_engine(nokv, prompts[:c], cfg, c)
                 record(summarize("engine-nokv", c, runs, wall, threads=cfg.threads))
