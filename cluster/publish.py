@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import uuid
 import zipfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from minimind.checkpoint import check_safetensors
 
 POINTER = "latest"
 # What rank 0 always writes (cluster.loop.write_checkpoint); the optimizer state is optimizer.pt (DDP) or
@@ -40,29 +41,10 @@ def _fs(path, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSyste
     return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 
-def _check_safetensors(f, size: int, name: str):
-    """Header length, header JSON, and every tensor's byte range inside the file (a truncation names it)."""
-    head = f.read(8)
-    if len(head) < 8:
-        raise ValueError(f"{name}: truncated safetensors file ({size} bytes, no header)")
-    (n,) = struct.unpack("<Q", head)
-    if 8 + n > size:
-        raise ValueError(f"{name}: truncated safetensors header ({n} header bytes, file {size})")
-    try:
-        header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{name}: corrupt safetensors header ({e})") from e
-    data = size - 8 - n
-    for tensor, info in header.items():
-        if tensor != "__metadata__" and info["data_offsets"][1] > data:
-            raise ValueError(f"{name}: tensor {tensor} is truncated (needs {info['data_offsets'][1]} bytes, "
-                             f"file has {data})")
-
-
 def _check_file(fs: pafs.FileSystem, path: str, rel: str, size: int):
     if rel.endswith(".safetensors"):
         with fs.open_input_file(path) as f:
-            _check_safetensors(f, size, rel)
+            check_safetensors(f, size, rel)
     elif rel.endswith(".json"):
         with fs.open_input_file(path) as f:
             try:

@@ -145,27 +145,32 @@ def load_config(ckpt_dir) -> ModelConfig:
         tie_word_embeddings=raw.get("tie_word_embeddings", True))
 
 
-def _check_safetensors(path: Path):
-    """Validate the header and byte ranges so a truncated file names the tensor it cut."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise ValueError(f"{path}: truncated or corrupt safetensors header ({n} header bytes, file {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
+def check_safetensors(f, size: int, name) -> None:
+    """Validate a safetensors file's header and every tensor's byte range, reading from the open binary file
+    `f` of `size` bytes; `name` goes into the error, so a truncated file names the tensor it cut. Works on any
+    file-like object (cluster.publish checks checkpoints on remote storage with it)."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{name}: truncated safetensors file ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", head)
+    if 8 + n > size:
+        raise ValueError(f"{name}: truncated or corrupt safetensors header ({n} header bytes, file {size})")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{name}: corrupt safetensors header ({e})") from e
     data = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
             continue
         end = info.get("data_offsets", [0, 0])[1]
         if end > data:
-            raise ValueError(f"{path}: tensor {name} is truncated (needs bytes up to {end}, file has {data})")
+            raise ValueError(f"{name}: tensor {tensor} is truncated (needs bytes up to {end}, file has {data})")
+
+
+def _check_safetensors(path: Path):
+    with open(path, "rb") as f:
+        check_safetensors(f, path.stat().st_size, path)
 
 
 def read_weights(path) -> dict[str, torch.Tensor]:
