@@ -5,9 +5,9 @@
 
 Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits. Reasoning (<think>) is shown dimmed.
 """
-import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python serve/chat.py`: import the project from its root
@@ -16,13 +16,32 @@ if __package__ in (None, ""):  # `python serve/chat.py`: import the project from
 DIM, RESET = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
 
 
+@dataclass
+class ChatConfig:
+    model: str = field(default="", metadata={"help": "checkpoint directory to load here (this or --url)"})
+    url: str = field(default="", metadata={"help": "base URL of a running server (this or --model)"})
+    lora: str = field(default="", metadata={"help": "LoRA adapter directory (with --model)"})
+    system: str = field(default="", metadata={"help": "system prompt"})
+    max_tokens: int = field(default=512, metadata={"help": "most tokens per reply"})
+    max_len: int = field(default=2048, metadata={"help": "context length (with --model)"})
+    temperature: float = field(default=0.85, metadata={"help": "0: greedy"})
+    top_p: float = field(default=0.85, metadata={"help": "nucleus sampling mass"})
+    seed: int | None = field(default=None, metadata={"help": "sampling seed"})
+    reasoning: str = field(default="auto", metadata={"help": "show <think>...</think> apart from the reply",
+                                                      "choices": ["auto", "on", "off"]})
+
+    def __post_init__(self):
+        if bool(self.model) == bool(self.url):
+            raise ValueError("give exactly one of --model DIR (load here) or --url URL (a running server)")
+
+
 def local_replies(args):
     """(reply, close): reply(messages) yields (reasoning, content) pieces, generated in this process."""
     from minimind.generate import SamplingParams
     from serve.engine import EngineConfig, load_engine
     from serve.protocol import ThinkSplitter
 
-    engine = load_engine(args.model, EngineConfig(max_batch=1, max_len=args.max_len), lora=args.lora)
+    engine = load_engine(args.model, EngineConfig(max_batch=1, max_len=args.max_len), lora=args.lora or None)
 
     def reply(messages):
         prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -59,20 +78,12 @@ def remote_replies(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", help="checkpoint directory to load here")
-    where.add_argument("--url", help="base URL of a running server")
-    p.add_argument("--lora", help="LoRA adapter directory (with --model)")
-    p.add_argument("--system", default="", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--max-len", type=int, default=2048, help="context length (with --model)")
-    p.add_argument("--temperature", type=float, default=0.85)
-    p.add_argument("--top-p", type=float, default=0.85)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--reasoning", default="auto", choices=["auto", "on", "off"])
-    args = p.parse_args(argv)
+    from minimind.configcli import parse_config
 
+    try:
+        args = parse_config(ChatConfig, argv, prog="python serve/chat.py", description=__doc__.split("\n")[0])
+    except ValueError as e:
+        sys.exit(f"serve/chat.py: {e}")
     reply, close = local_replies(args) if args.model else remote_replies(args)
     try:
         converse(reply, args.system)

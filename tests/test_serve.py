@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,7 @@ from minimind.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.ray
 
+REPO = Path(__file__).resolve().parents[1]
 MODEL = "minimind-test"
 KEY_ENV, KEY = "MINIMIND_TEST_API_KEY", "sk-test-key"
 QUESTION = "1+1等于几？"
@@ -98,6 +100,27 @@ def server(ray_cluster, think_ckpt):
 
 def engine_stats(server) -> dict:
     return httpx.get(server.url + "/health", timeout=10).json()["engine"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("where", ["in-process", "over-http"])
+def test_terminal_chat(server, where):
+    """serve/chat.py, driven through its stdin: the reasoning then the reply (no <answer> tags), and /reset
+    really starts over (the same question gets the same greedy answer again, not one that follows on)."""
+    target = ["--model", str(server.ckpt.dir)] if where == "in-process" else ["--url", server.url]
+    done = subprocess.run([sys.executable, str(REPO / "serve" / "chat.py"), *target, "--temperature", "0",
+                           "--max-tokens", "64"], input=f"{QUESTION}\n/reset\n{QUESTION}\n/exit\n",
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "MINIMIND_API_KEY": KEY})
+    assert done.returncode == 0, done.stderr[-3000:]
+    replies = done.stdout.split("minimind> ")[1:]
+    assert len(replies) == 2 and all(r.startswith(REASONING + ANSWER + "\n") for r in replies), done.stdout
+    assert "<answer>" not in done.stdout and "<think>" not in done.stdout
+
+
+def test_terminal_chat_needs_one_target():
+    done = subprocess.run([sys.executable, str(REPO / "serve" / "chat.py")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and "exactly one of --model DIR" in done.stderr
 
 
 @pytest.mark.timeout(120)
