@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test clean
 venv: .venv/.installed
 
 # torch first (pinned; here pip takes the CPU wheel on disk), then deepspeed without build isolation and
@@ -22,9 +22,6 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q --durations=25 tests
-
-bench: venv
-	$(PY) bench/run_all.py
 
 clean:
 	rm -rf .venv runs out

@@ -218,7 +218,7 @@ def bench_http(url: str, model: str, prompts, cfg, concurrency):
     return asyncio.run(main())
 
 
-def start_service(ckpt: Path, cfg: BenchConfig, max_batch: int) -> dict[str, str]:
+def start_service(ckpt: Path, cfg: BenchConfig, max_batch: int, device: str) -> dict[str, str]:
     """Deploy one application per stream interval; returns {system name: base URL}."""
     from ray import serve
 
@@ -231,7 +231,6 @@ def start_service(ckpt: Path, cfg: BenchConfig, max_batch: int) -> dict[str, str
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {}
-    device = resolve_device(cfg)
     gpu_share = round(1 / len(cfg.stream_intervals_ms), 3) if device == "cuda" else 0  # the apps share one GPU
     for interval in cfg.stream_intervals_ms:
         serve.run(build_app({"model": str(ckpt), "name": "bench", "max_batch": max_batch, "max_len": 1024,
@@ -325,7 +324,7 @@ def main(argv=None):
                 record(summarize("engine-nokv", c, runs, wall, threads=cfg.threads))
             nokv.shutdown()
 
-        urls = start_service(ckpt, cfg, max_batch=top) if cfg.serve else {}
+        urls = start_service(ckpt, cfg, max_batch=top, device=device) if cfg.serve else {}
         try:
             bench_hf(hf, prompts[:1], cfg)  # warm-ups
             bench_engine(engine, prompts[:1], cfg, 1)

@@ -98,9 +98,9 @@ def corpus_subset(path: Path, max_docs: int, work: Path) -> Path:
 
 
 def read_texts(path: Path, n: int) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in itertools.islice(f, n)]
+    from minimind.tokenizer import iter_jsonl_texts
+
+    return list(itertools.islice(iter_jsonl_texts(path), n))
 
 
 # ------------------------------------------------------------------------------------------- real path

@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -44,10 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.train import DataConfig
 
-# minimind.formats is imported where it is used: the Ray tasks that read shards for training import this
-# module in fresh worker processes, and the minimind package pulls in torch (seconds per process).
-if TYPE_CHECKING:
-    from minimind.formats import Encoder
+from minimind.formats import FORMATS, Encoder, RecordError, columns_of, parse_line  # numpy only, no torch
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +65,12 @@ class DataSpec:
 
     def __post_init__(self):
         self.paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
-        from minimind.formats import FORMATS
         if self.format not in FORMATS:
             raise ValueError(f"unknown data format {self.format!r}; choose one of {FORMATS}")
         if not 0 <= self.reject_threshold <= 1:
             raise ValueError(f"reject_threshold must be within [0, 1], got {self.reject_threshold}")
 
-    def encoder(self, tokenizer) -> "Encoder":
-        from minimind.formats import Encoder
+    def encoder(self, tokenizer) -> Encoder:
         return Encoder(tokenizer, self.format, self.max_seq_len, pack=self.pack, text_field=self.text_field,
                        separator=self.separator)
 
@@ -83,7 +78,13 @@ class DataSpec:
 # ------------------------------------------------------------------------------------------------- inputs
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem_of(uri, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's file system and path for a local path or a URI (s3://, gs://, ...), so the same code runs on
+    local disk, NFS and object stores. A given `filesystem` (e.g. a Ray `Checkpoint.filesystem`) takes `uri`
+    as is."""
+    uri = str(uri)
+    if filesystem is not None:
+        return filesystem, uri
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -98,7 +99,7 @@ def resolve_paths(paths: Sequence[str]) -> list[tuple[str, int, int]]:
     recursive), a glob (`*` in a directory part also crosses '/') or a URI pyarrow reads (s3://, gs://, ...)."""
     found: dict[str, tuple[str, int, int]] = {}
     for p in paths:
-        fs, path = _filesystem(str(p))
+        fs, path = filesystem_of(str(p))
         scheme = _scheme(str(p))
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
@@ -129,7 +130,7 @@ def resolve_paths(paths: Sequence[str]) -> list[tuple[str, int, int]]:
 
 def iter_chunks(uri: str, block_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
     """Whole lines of a jsonl(.gz) file in chunks of about `block_bytes`: (number of the first line, bytes)."""
-    fs, path = _filesystem(uri)
+    fs, path = filesystem_of(uri)
     line, tail = 1, b""
     try:
         with fs.open_input_stream(path) as f:  # compression="detect": .gz is decompressed as it streams
@@ -155,7 +156,6 @@ def split_lines(data: bytes) -> list[bytes]:
 
 def iter_records(paths: Sequence[str], block_bytes: int = 1 << 20) -> Iterator[tuple[str, int, object]]:
     """(file, line number, parsed JSON or a RecordError naming file and line) for every non-blank line."""
-    from minimind.formats import RecordError, parse_line
     for uri, _, _ in resolve_paths(paths):
         for first, data in iter_chunks(uri, block_bytes):
             for line, raw in enumerate(split_lines(data), first):
@@ -177,7 +177,7 @@ def _read_blocks(batch: dict, block_bytes: int) -> Iterator[pa.Table]:
             yield pa.table({"file": [str(uri)], "first_line": [first], "data": pa.array([data], pa.binary())})
 
 
-def _encode_blocks(batch: dict, encoder: "Encoder") -> pa.Table:
+def _encode_blocks(batch: dict, encoder: Encoder) -> pa.Table:
     # One Ray task per block and one thread per task: Ray provides the parallelism, not the tokenizer's pool.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     out: dict[str, list] = {}
@@ -343,12 +343,11 @@ def prepare_dataset(spec: DataSpec, tokenizer, cache_dir, *, rows_per_shard: int
     return prepared
 
 
-def _tokenise(files, encoder: "Encoder", out: Path, rejects_path: Path, rows_per_shard: int, window: int,
+def _tokenise(files, encoder: Encoder, out: Path, rejects_path: Path, rows_per_shard: int, window: int,
               block_bytes: int, seed: int, threshold: float) -> dict:
     import ray.data
 
     from cluster.runtime import init_ray
-    from minimind.formats import columns_of
     init_ray()
     start = time.time()
     columns = columns_of(encoder.format)
@@ -409,7 +408,11 @@ def _tokenise(files, encoder: "Encoder", out: Path, rejects_path: Path, rows_per
 
 def steps_per_epoch(prepared: Prepared, batch_size: int, world_size: int) -> int:
     """Batches each worker yields per epoch (the last partial round of world_size * batch_size is dropped)."""
-    return prepared.num_rows // (batch_size * world_size)
+    return _batches_per_worker(prepared.num_rows, batch_size, world_size)
+
+
+def _batches_per_worker(rows: int, batch_size: int, world_size: int) -> int:
+    return rows // (batch_size * world_size)
 
 
 @dataclass(frozen=True)
@@ -422,7 +425,7 @@ class Piece:
 def plan_epoch(shard_rows: Sequence[int], seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
                skip_batches: int = 0) -> list[Piece]:
     """The pieces of shards worker `rank` reads in `epoch`, in order, after skipping `skip_batches`."""
-    per_worker = sum(shard_rows) // (world_size * batch_size) * batch_size
+    per_worker = _batches_per_worker(sum(shard_rows), batch_size, world_size) * batch_size
     lo, hi = rank * per_worker + skip_batches * batch_size, (rank + 1) * per_worker
     pieces, pos = [], 0
     for s in np.random.default_rng([seed, epoch]).permutation(len(shard_rows)):
@@ -471,7 +474,7 @@ class WorkerShard:
     readers: int = 2
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return sum(self.shard_rows) // (batch_size * self.world_size)
+        return _batches_per_worker(sum(self.shard_rows), batch_size, self.world_size)
 
     def plan(self, epoch: int, batch_size: int, skip_batches: int = 0) -> list[Piece]:
         return plan_epoch(self.shard_rows, self.seed, epoch, self.rank, self.world_size, batch_size,

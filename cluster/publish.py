@@ -22,23 +22,13 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from cluster.data import filesystem_of
 from minimind.checkpoint import check_safetensors
 
 POINTER = "latest"
 # What rank 0 always writes (cluster.loop.write_checkpoint); the optimizer state is optimizer.pt (DDP) or
 # per-rank DeepSpeed shards under deepspeed/.
 REQUIRED = ("model/config.json", "model/model.safetensors", "trainer_state.json", "metrics.jsonl")
-
-
-def _fs(path, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """pyarrow's file system for a local path or a URI, so the same checks run on NFS and on s3://.
-    A given `filesystem` (a Ray `Checkpoint.filesystem`) takes `path` as is."""
-    path = str(path)
-    if filesystem is not None:
-        return filesystem, path
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 
 def _check_file(fs: pafs.FileSystem, path: str, rel: str, size: int):
@@ -71,7 +61,7 @@ def verify_checkpoint(directory, complete: bool = True, filesystem=None) -> list
     complete=False checks only the files present: a non-zero rank writes nothing (DDP) or only its own
     DeepSpeed shard.
     """
-    fs, root = _fs(directory, filesystem)
+    fs, root = filesystem_of(directory, filesystem)
     infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
              if i.type == pafs.FileType.File]
     files = {os.path.relpath(i.path, root): i for i in infos}
@@ -98,8 +88,8 @@ def publish_latest(run_dir, checkpoint, step: int | None = None, filesystem=None
     """Point `<run_dir>/latest` at `checkpoint` once the stored copy verifies; atomic on every backend.
     Under Ray: `publish_latest(posixpath.dirname(c.path), c.path, step, c.filesystem)` for a Checkpoint c."""
     verify_checkpoint(checkpoint, filesystem=filesystem)
-    fs, root = _fs(run_dir, filesystem)
-    _, ckpt = _fs(checkpoint, filesystem)
+    fs, root = filesystem_of(run_dir, filesystem)
+    _, ckpt = filesystem_of(checkpoint, filesystem)
     if step is None:
         with fs.open_input_file(f"{ckpt}/trainer_state.json") as f:
             step = json.loads(f.read())["step"]
@@ -119,7 +109,7 @@ def publish_latest(run_dir, checkpoint, step: int | None = None, filesystem=None
 
 def read_latest(run_dir) -> dict | None:
     """{"path": ..., "step": ...} of the last published checkpoint, or None before the first."""
-    fs, root = _fs(run_dir)
+    fs, root = filesystem_of(run_dir)
     if fs.get_file_info(f"{root}/{POINTER}").type != pafs.FileType.File:
         return None
     with fs.open_input_file(f"{root}/{POINTER}") as f:

@@ -15,13 +15,20 @@ def loopback_env() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers must import this project's packages, or a Train controller errors while its workers keep the
     # placement group and every later job waits forever.
-    path = os.environ.get("PYTHONPATH", "")
-    if str(REPO_ROOT) not in path.split(os.pathsep):
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
+    os.environ["PYTHONPATH"] = pythonpath_with_repo(os.environ.get("PYTHONPATH", ""))
 
 
-def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, address: str | None = None):
-    """Start or join Ray once per process. Returns the `ray` module."""
+def pythonpath_with_repo(path: str) -> str:
+    """`path` (a PYTHONPATH value) with the project root first, unless it already holds it."""
+    if str(REPO_ROOT) in path.split(os.pathsep):
+        return path
+    return os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
+
+
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, address: str | None = None,
+             include_dashboard: bool = False):
+    """Start or join Ray once per process. Returns the `ray` module. The dashboard of a cluster started here
+    listens on 127.0.0.1 only."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         loopback_env()  # before `import ray`: Ray reads these switches at import time
@@ -34,6 +41,7 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, address: 
         # At least 4 logical CPUs: two training workers plus room for Ray Data's tasks, which otherwise
         # wait forever for a free CPU (measured on a 2-core machine).
         num_cpus = num_cpus or max(os.cpu_count() or 1, 4)
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+                 **({"dashboard_host": "127.0.0.1"} if include_dashboard else {}),
                  _node_ip_address="127.0.0.1", log_to_driver=True)
     return ray

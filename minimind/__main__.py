@@ -98,19 +98,10 @@ def cmd_convert(args):
 
 
 def cmd_merge_lora(args):
-    from .checkpoint import read_weights
-    from .lora import apply_lora, load_lora_state_dict, merge_lora
-    adapter = Path(args.adapter)
-    cfg_path = adapter / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: missing (not an adapter directory?)")
-    lora_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    from .lora import merge_adapter
     model, tok = load_checkpoint(args.base)
-    apply_lora(model, int(lora_cfg["rank"]), float(lora_cfg["alpha"]), tuple(lora_cfg["targets"]))
-    weights = adapter / "adapter_model.safetensors"
-    load_lora_state_dict(model, read_weights(weights), weights)
-    save_checkpoint(merge_lora(model), args.out, tokenizer=tok)
-    print(f"wrote {args.out}: {args.base} + adapter {adapter}")
+    save_checkpoint(merge_adapter(model, args.adapter), args.out, tokenizer=tok)
+    print(f"wrote {args.out}: {args.base} + adapter {args.adapter}")
 
 
 def main(argv=None):

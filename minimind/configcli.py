@@ -22,12 +22,12 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    raise ValueError(f"expected a boolean, got {text!r}")
 
 
 def _inherited_help(cls, name: str) -> str:
@@ -109,7 +109,7 @@ def coerce(cls, values: dict) -> dict:
         elif tp is float and isinstance(value, int) and not isinstance(value, bool):
             out[name] = float(value)
         elif tp is bool and isinstance(value, str):
-            out[name] = _parse_bool(value)
+            out[name] = parse_bool(value)
         else:
             out[name] = value
     return out

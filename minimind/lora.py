@@ -3,15 +3,23 @@
 `apply_lora` wraps the chosen projections in place: y = W x + (alpha / r) * B(A(x)), with A random and B zero
 so the wrapped model starts equal to the base. Only A and B require grad. Adapters save and load on their
 own (`lora_state_dict`) and merge into the base weights (`merge_lora`) for a plain checkpoint.
+
+An adapter directory holds ADAPTER_CONFIG ({"rank", "alpha", "targets"}) and ADAPTER_WEIGHTS (the tensors of
+`lora_state_dict`): `save_adapter` writes one (the LoRA stage), `merge_adapter` folds one into a model (the
+merge-lora CLI, the server at load time).
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class LoRALinear(nn.Module):
@@ -75,3 +83,26 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def save_adapter(model: nn.Module, directory, config: dict) -> None:
+    """Write `model`'s adapters and `config` (rank, alpha, targets, ...) as an adapter directory."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    save_file(lora_state_dict(model), str(directory / ADAPTER_WEIGHTS))
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def merge_adapter(model: nn.Module, adapter_dir) -> nn.Module:
+    """Fold an adapter directory into `model`'s weights; returns the plain model."""
+    from .checkpoint import read_weights
+
+    path = Path(adapter_dir)
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path}: a LoRA adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    apply_lora(model, rank=int(cfg["rank"]), alpha=float(cfg["alpha"]),
+               targets=tuple(cfg.get("targets", DEFAULT_TARGETS)))
+    load_lora_state_dict(model, read_weights(path / ADAPTER_WEIGHTS), source=path / ADAPTER_WEIGHTS)
+    return merge_lora(model)

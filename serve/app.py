@@ -151,7 +151,7 @@ async def _collect(stream) -> tuple[str, str, dict]:
 @serve.ingress(api)
 class MiniMindServer:
     def __init__(self, config: dict, api_key: str | None):
-        from minimind.checkpoint import load_tokenizer
+        from minimind.checkpoint import GENERATION_CONFIG, load_tokenizer
 
         self.cfg = ServeConfig(**config)
         self.tokenizer = load_tokenizer(self.cfg.model)
@@ -162,7 +162,7 @@ class MiniMindServer:
                                     threads=self.cfg.threads or max(1, math.floor(self.cfg.num_cpus)),
                                     stream_interval=self.cfg.stream_interval_ms / 1000)
         self.api_key = api_key
-        gen_config = Path(self.cfg.model) / "generation_config.json"
+        gen_config = Path(self.cfg.model) / GENERATION_CONFIG
         defaults = json.loads(gen_config.read_text(encoding="utf-8")) if gen_config.is_file() else {}
         # Unset temperature / top_p take the checkpoint's recommendation, as transformers' generate does.
         self.defaults = {k: defaults[k] for k in ("temperature", "top_p") if k in defaults}

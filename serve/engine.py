@@ -22,14 +22,12 @@ import asyncio
 import atexit
 import collections
 import heapq
-import json
 import logging
 import queue
 import threading
 import traceback
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
@@ -373,35 +371,11 @@ def _shutdown_at_exit(ref):
 
 # ---------------------------------------------------------------------- loading a checkpoint to serve
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def merge_adapter(model, adapter_dir) -> None:
-    """Fold a LoRA adapter directory into `model`'s weights.
-
-    The directory holds `adapter_config.json` ({"rank", "alpha", "targets"}) and `adapter_model.safetensors`
-    with the tensors of `minimind.lora.lora_state_dict`. Merging once at load time makes the adapter free at
-    serving time: the batched forward is the plain model's.
-    """
-    from safetensors.torch import load_file
-
-    from minimind.lora import apply_lora, load_lora_state_dict, merge_lora
-
-    path = Path(adapter_dir)
-    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path}: a LoRA adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    cfg = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    apply_lora(model, rank=int(cfg["rank"]), alpha=float(cfg["alpha"]),
-               targets=tuple(cfg.get("targets", ("q_proj", "k_proj", "v_proj", "o_proj"))))
-    load_lora_state_dict(model, load_file(str(path / ADAPTER_WEIGHTS)), source=path)
-    merge_lora(model)
-
-
 def load_engine(model_dir, config: EngineConfig | None = None, lora: str | None = None, dtype: str = "float32",
                 device: str = "auto", on_flush: Callable[[], None] | None = None) -> Engine:
     """An Engine over a checkpoint directory (which must carry its tokenizer), optionally with a LoRA merged."""
     from minimind.checkpoint import load_checkpoint
+    from minimind.lora import merge_adapter
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -411,5 +385,6 @@ def load_engine(model_dir, config: EngineConfig | None = None, lora: str | None 
     if tokenizer is None:
         raise ValueError(f"{model_dir}: has no tokenizer.json; the server cannot encode prompts")
     if lora:
+        # Merged once at load time, the adapter is free at serving time: the batched forward is the plain model's.
         merge_adapter(model, lora)
     return Engine(model.to(DTYPES[dtype]), tokenizer, config, on_flush=on_flush)

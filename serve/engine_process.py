@@ -19,14 +19,13 @@ import subprocess
 import sys
 import threading
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import AsyncIterator, Sequence
 
+from cluster.runtime import pythonpath_with_repo
 from minimind.generate import SamplingParams
 from serve.engine import Delta, EngineBusy, EngineConfig, check_budget
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _child(conn: Connection):
@@ -100,8 +99,7 @@ class EngineProcess:
         # A fresh interpreter (`python -m serve.engine_process FD`), not multiprocessing's spawn: spawn would
         # re-run the parent's main script first, which inside a Ray worker is Ray's own worker entry point.
         ours, theirs = socket.socketpair()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT),
-                                                                          os.environ.get("PYTHONPATH")) if p)}
+        env = {**os.environ, "PYTHONPATH": pythonpath_with_repo(os.environ.get("PYTHONPATH", ""))}
         self._proc = subprocess.Popen([sys.executable, "-m", "serve.engine_process", str(theirs.fileno())],
                                       pass_fds=[theirs.fileno()], env=env)
         theirs.close()

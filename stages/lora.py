@@ -7,15 +7,14 @@ the base.
     python stages/lora.py --init out/sft --data lora_identity.jsonl
 """
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
-from safetensors.torch import save_file
 
 from minimind.checkpoint import read_weights
-from minimind.lora import DEFAULT_TARGETS, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from minimind.lora import (ADAPTER_WEIGHTS, DEFAULT_TARGETS, apply_lora, load_lora_state_dict, merge_lora,
+                           save_adapter)
 from stages.common import Stage, run_stage, TrainConfig, BUNDLED
 
 
@@ -50,11 +49,10 @@ class LoRA(Stage):
         return merge_lora(copy.deepcopy(module).cpu().float())
 
     def save_extra(self, module, directory: Path):
-        save_file(lora_state_dict(module), str(directory / "adapter_model.safetensors"))
-        (directory / "adapter_config.json").write_text(json.dumps(self.adapter_config, indent=2))
+        save_adapter(module, directory, self.adapter_config)
 
     def restore(self, model, directory: Path):
-        path = directory / "adapter_model.safetensors"
+        path = directory / ADAPTER_WEIGHTS
         load_lora_state_dict(model, read_weights(path), path)
 
 

@@ -9,15 +9,13 @@ Point the stage at the same cache (`--cache-dir out/data_cache`) with the same d
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from cluster.config import _help
 
 # Each stage's data format (see minimind/formats.py).
 STAGE_FORMATS = {"pretrain": "pretrain", "sft": "chat", "lora": "chat", "distill": "chat", "reason": "reason",
                  "dpo": "dpo"}
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text, **kw.pop("meta", {})}, **kw)
 
 
 @dataclass

@@ -27,7 +27,7 @@ def _model(preset="tiny", seed=0):
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_transformers_loads_dense_checkpoint_with_same_logits(tmp_path, preset, tokenizer):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a declared dependency: a missing one must fail, not skip
     model = _model(preset)
     save_checkpoint(model, tmp_path / "ck", tokenizer=tokenizer)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()

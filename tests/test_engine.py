@@ -19,10 +19,10 @@ import torch
 from minimind.checkpoint import save_checkpoint
 from minimind.config import PRESETS
 from minimind.generate import SamplingParams, generate
-from minimind.lora import apply_lora, lora_state_dict
+from minimind.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, lora_state_dict
 from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
-from serve.engine import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EngineBusy, EngineConfig, load_engine
+from serve.engine import EngineBusy, EngineConfig, load_engine
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ThinkSplitter, parse_request
 
 REPO = Path(__file__).resolve().parents[1]

@@ -64,7 +64,8 @@ def corpus() -> tuple[list[str], list[str]]:
 
 
 def hf_auto_tokenizer(path: Path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a declared dependency: a missing one must fail, not skip
+
     return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
@@ -109,7 +110,7 @@ def test_trained_round_trip(trained, corpus):
     assert trained.decode(trained.encode("<|im_start|>hi<|im_end|>"), skip_special_tokens=True) == "hi"
     batch = heldout[:20]
     assert trained.encode_batch(batch) == [trained.encode(t) for t in batch]
-    np = pytest.importorskip("numpy")
+    import numpy as np
     assert trained.decode(np.array(trained.encode(batch[0]))) == batch[0]  # e.g. ids from a generated array
 
 

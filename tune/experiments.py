@@ -62,10 +62,3 @@ def scaled_base(exp: Experiment, scale: float) -> dict:
     """Config fields every trial shares at this scale."""
     seq = exp.max_seq_len if scale == 1 else max(32, round(exp.max_seq_len * scale / 16) * 16)
     return {"preset": exp.preset if scale == 1 else "tiny", "max_seq_len": seq}
-
-
-def token_budget(exp: Experiment, scale: float, num_workers: int, budget_steps: int | None = None) -> int:
-    """Tokens every trial trains on: `budget_steps` steps of the reference trial (0: no budget)."""
-    steps = exp.budget_steps if budget_steps is None else budget_steps
-    ref = scaled_trials(exp, scale)[exp.budget_ref]
-    return steps * ref["batch_size"] * ref["accumulation_steps"] * num_workers * scaled_base(exp, scale)["max_seq_len"]

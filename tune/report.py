@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from tune.space import PER_TRIAL
-from tune.trial import TRIAL_KEY, trial_config, trial_params, workers
+from tune.trial import TRIAL_KEY, tokens_per_step, trial_config, trial_params, workers
 
 # Left out of the best config: they name this sweep's directories, not the recipe.
 NOT_RECIPE = PER_TRIAL | {"cache_dir"}
@@ -42,7 +42,7 @@ def collect(results, record: dict, base, sweep_dir: Path) -> list[dict]:
         cfg = trial_config(base, params, trial_dir, sweep_dir / "train", trial_id, record["token_budget"],
                            record["gpus_per_trial"])
         curve = trial_curve(result)
-        planned = cfg.max_steps * cfg.batch_size * cfg.accumulation_steps * workers(cfg) * cfg.max_seq_len
+        planned = cfg.max_steps * tokens_per_step(cfg)
         last_tokens = curve[-1][0] if curve else 0
         if result.error is not None:
             status = "error"

@@ -20,6 +20,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from minimind.configcli import parse_bool
+
 KINDS = ("grid", "choice", "uniform", "loguniform", "const")
 
 # Fields the sweep sets per trial (each trial writes its own output and Ray Train run).
@@ -41,12 +43,7 @@ def _convert(name: str, tp, value):
     """One value to the field's type; YAML reads `1e-4` as a string and flags are all strings."""
     try:
         if tp is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return text in ("true", "1", "yes")
+            return value if isinstance(value, bool) else parse_bool(str(value))  # the words flags accept
         if tp is int:
             as_float = float(value)
             if as_float != int(as_float):

@@ -132,14 +132,11 @@ def asha_limits(args, base, space, named_trials, budget) -> tuple[int, int]:
 
 
 def init_cluster(dashboard: bool):
-    from cluster.runtime import init_ray, loopback_env
-    import ray
-    if dashboard and not ray.is_initialized():
-        loopback_env()
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    from cluster.runtime import init_ray
+    ray = init_ray(include_dashboard=dashboard)
+    if dashboard:
         print(f"Ray dashboard: {ray.get_runtime_context().dashboard_url or 'http://127.0.0.1:8265'}", flush=True)
-        return ray
-    return init_ray()
+    return ray
 
 
 def callbacks(args) -> list:
