@@ -202,13 +202,21 @@ NODE_IP = "127.0.0.2"
 HEAD_CPUS, NODE_CPUS, CPUS_PER_WORKER, WORKER_NODES = 1, 2, 1.5, 3
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n free ports, none handed out before in this run: once closed, a port can come back from the OS on a
+    later call, and `ray start` refuses two components on one port (seen once in CI: a node's agent port equal
+    to the head's port picked a call earlier)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            ports.append(port)
     return ports
 
 
