@@ -146,6 +146,9 @@ class PreloadedContext:
     def restore_dir(self):
         return None
 
+    def has_validation(self):
+        return False
+
     def batches(self, start: int):
         return itertools.cycle(self._batches)
 
@@ -260,7 +263,7 @@ def bench_one(args, preset: str, seq: int, work: Path, data: Path) -> list[dict]
     cfg.validate()
     fpt = flops_per_token(get_preset(preset), seq)
     # Prepared here (cached), so the real path's launch reuses it and we can read its padding fraction.
-    prepared = prepare_dataset(data_spec(cfg, Pretrain()), resolve_tokenizer(cfg), cfg.cache_dir)
+    prepared = prepare_dataset(data_spec(cfg, Pretrain()), resolve_tokenizer(cfg)[0], cfg.cache_dir)
     packed_padding = prepared.manifest["padding_fraction"]
     common = {"preset": preset, "seq_len": seq, "flops_per_token": fpt}
     rows = []

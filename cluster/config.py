@@ -6,6 +6,8 @@ Every field is a command-line flag of every stage (`--batch-size`, `--zero-stage
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +27,14 @@ class TrainConfig:
     preset: str = _help("model preset (small, base, moe, tiny, ...); '' = tiny, or the --init checkpoint's",
                         default="")
     data: tuple[str, ...] = _help("jsonl(.gz) files, directories, globs or pyarrow URIs",
-                                  default=(str(BUNDLED_DATA / "sample_corpus.jsonl"),))
+                                  default=(str(BUNDLED_DATA / "sample_corpus.jsonl"),), meta={"path": True})
     text_field: str = _help("field holding the text in pretrain records", default="text")
-    tokenizer: str = _help("tokenizer directory or tokenizer.json; default: the --init checkpoint's, else the "
-                           "real MiniMind tokenizer beside the checkout, else one trained on the bundled sample",
-                           default="")
-    init: str = _help("checkpoint directory to start from (the previous stage's output)", default="")
-    out: str = _help("output directory for the final checkpoint and metrics.jsonl", default="out/pretrain")
+    tokenizer: str = _help("tokenizer directory or tokenizer.json; default: the --init checkpoint's, else one "
+                           "trained on the bundled sample (printed at start)", default="", meta={"path": True})
+    init: str = _help("checkpoint directory to start from (the previous stage's output)", default="",
+                      meta={"path": True})
+    out: str = _help("output directory for the final checkpoint and metrics.jsonl", default="out/pretrain",
+                     meta={"path": True})
     # Hardware
     profile: str = _help("hardware profile", default="cpu", meta={"choices": ["cpu", "4090", "multi-gpu"]})
     num_workers: int = _help("Ray Train workers (0: the profile's choice)", default=0)
@@ -52,17 +55,35 @@ class TrainConfig:
     max_seq_len: int = _help("tokens per training row", default=512)
     pack: bool = _help("pack documents end to end (pretrain); --no-pack pads each like MiniMind", default=True)
     seed: int = _help("random seed for init and data order", default=0)
+    # Validation
+    val_data: tuple[str, ...] = _help("held-out data, any form --data takes; scored every --eval-interval steps",
+                                      default=(), meta={"path": True})
+    val_fraction: float = _help("hold out this fraction of --data's documents (by a hash of each line, made at "
+                                "prepare time, never trained on) when --val-data is not given", default=0.0)
+    eval_interval: int = _help("optimizer steps between validations (0: only at the end); needs --val-data or "
+                               "--val-fraction", default=0)
+    keep_best_by: str = _help("keep checkpoints by this metric (lower is better): the best --keep-checkpoints "
+                              "plus the last, and --out receives the best; '' keeps the last ones",
+                              default="", meta={"choices": ["", "val_loss"]})
     # Bookkeeping
     log_interval: int = _help("optimizer steps between logged/reported metrics", default=10)
     save_interval: int = _help("optimizer steps between checkpoints (0: only at the end)", default=0)
-    keep_checkpoints: int = _help("checkpoints kept in Ray storage (the last K)", default=2)
+    keep_checkpoints: int = _help("checkpoints kept in Ray storage (the last K, or the best K by "
+                                  "--keep-best-by plus the last)", default=2)
     max_failures: int = _help("worker failures the run survives, restoring the last checkpoint", default=2)
-    resume: str = _help("a checkpoint directory (from --storage-path) to resume from", default="")
-    storage_path: str = _help("Ray Train storage: local path or cloud URI ('' = OUT/../ray_results)", default="")
+    resume: str = _help("a checkpoint directory (from --storage-path) to resume from", default="",
+                        meta={"path": True})
+    storage_path: str = _help("Ray Train storage: local path or cloud URI ('' = OUT/../ray_results); under a "
+                              "Ray job, relative --out and checkpoint paths are taken inside it", default="",
+                              meta={"path": True})
     run_name: str = _help("Ray Train run name ('' = STAGE-TIMESTAMP; reusing a name resumes that run)",
                           default="")
-    cache_dir: str = _help("where tokenised Parquet shards are cached ('' = OUT/../data_cache)", default="")
-    wandb: bool = _help("log to Weights & Biases (WANDB_MODE=offline works without network)", default=False)
+    cache_dir: str = _help("where tokenised Parquet shards are cached ('' = OUT/../data_cache)", default="",
+                           meta={"path": True})
+    logger: tuple[str, ...] = _help("live loggers: wandb, tensorboard, swanlab (offline/local modes work without "
+                                    "network); files go to OUT/../logs/RUN", default=())
+    wandb: bool = _help("log to Weights & Biases, the same as --logger wandb (WANDB_MODE=offline works without "
+                        "network)", default=False)
     wandb_project: str = _help("wandb project", default="minimind-ray")
     compile: bool = _help("torch.compile the model (GPU profiles)", default=False)
     ray: bool = _help("train on Ray Train; --no-ray runs the same loop in this process (one worker)",
@@ -85,13 +106,85 @@ class TrainConfig:
             raise ValueError("--use-gpu takes 'true' or 'false'")
         if not self.data:
             raise ValueError("--data names no input")
+        from .loggers import check_logger_names
+        check_logger_names(self.loggers)
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError("--val-fraction must be within [0, 1)")
+        if self.val_data and self.val_fraction:
+            raise ValueError("give --val-data or --val-fraction, not both")
+        if self.keep_best_by and not self.validates:
+            raise ValueError(f"--keep-best-by {self.keep_best_by} needs validation: give --val-data or --val-fraction")
         if self.init and not Path(self.init).is_dir():
             raise ValueError(f"--init {self.init}: no such checkpoint directory")
         if self.resume and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: no such checkpoint directory")
 
+    @classmethod
+    def is_path(cls, name: str) -> bool:
+        """Whether field `name` holds paths; a stage that only changes a default keeps the base's marking."""
+        return any(f.name == name and f.metadata.get("path") for base in cls.__mro__
+                   if dataclasses.is_dataclass(base) for f in dataclasses.fields(base))
+
+    def absolute_paths(self, base: Path | None = None) -> "TrainConfig":
+        """Every path flag made absolute against `base` (the caller's directory) in the driver, before launch:
+        Ray workers and Tune trials run in other directories. URIs (s3://...) are left as they are."""
+        base = Path(base or Path.cwd())
+
+        def fix(value: str) -> str:
+            return value if not value or "://" in value or Path(value).is_absolute() else str(base / value)
+        changes = {}
+        for f in dataclasses.fields(self):
+            if not self.is_path(f.name):
+                continue
+            value = getattr(self, f.name)
+            changes[f.name] = tuple(fix(v) for v in value) if isinstance(value, tuple) else fix(value)
+        return self.replace(**changes)
+
+    def for_driver(self) -> "TrainConfig":
+        """The paths as the driver must pass them on: absolute, and under `ray job submit --working-dir`
+        never inside Ray's temporary copy of the working dir (it is deleted with the job)."""
+        if not in_ray_job_working_dir():
+            return self.absolute_paths()
+        store = self.storage_path
+        shared = Path(store) if store and "://" not in store and Path(store).is_absolute() else None
+        if self.out and not Path(self.out).is_absolute():
+            if shared is None:
+                raise ValueError(f"under `ray job submit --working-dir`, a relative --out {self.out} would be "
+                                 f"written into Ray's temporary copy of the working dir ({Path.cwd()}) and "
+                                 f"deleted with it; give an absolute --out on shared storage, or an absolute "
+                                 f"--storage-path to hold relative outputs")
+            changes = {"out": str(shared / self.out)}
+            # Checkpoint inputs named relative to the same storage (the previous stage's relative --out).
+            for f in dataclasses.fields(self):
+                value = getattr(self, f.name)
+                if (self.is_path(f.name) and isinstance(value, str) and value and f.name != "out"
+                        and not Path(value).is_absolute() and "://" not in value and not Path(value).exists()
+                        and (shared / value).exists()):
+                    changes[f.name] = str(shared / value)
+            return self.replace(**changes).absolute_paths()
+        return self.absolute_paths()
+
+    @property
+    def loggers(self) -> list[str]:
+        return list(dict.fromkeys([*self.logger, *(["wandb"] if self.wandb else [])]))
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.val_data or self.val_fraction)
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def in_ray_job_working_dir() -> bool:
+    """Whether this driver runs under `ray job submit` with a working_dir (its cwd is Ray's unpacked copy)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor for the entrypoint
+    if not raw:
+        return False
+    try:
+        return bool(json.loads(raw).get("runtime_env", {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
 
 
 @dataclass(frozen=True)

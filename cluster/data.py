@@ -21,6 +21,10 @@ Train (inside each Ray Train worker):
 
 Without Ray (tests, a single process), `iter_records` reads the inputs and `iter_local_batches` yields the
 same batches as a worker of the same rank would.
+
+Validation (`prepare_splits`): a `val_fraction` of the input lines, chosen by a hash of each line's bytes before
+anything is tokenised, becomes a second cache; the training cache holds the rest. `iter_eval_batches` gives each
+rank a contiguous share of every validation row (none dropped, none twice), read with pyarrow.
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.train import DataConfig
 
-from minimind.formats import FORMATS, Encoder, RecordError, columns_of, parse_line  # numpy only, no torch
+from minimind.formats import (FORMATS, SPLITS, Encoder, RecordError, columns_of,  # numpy only, no torch
+                              parse_line)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,8 @@ class DataSpec:
     reject_threshold: float = 0.01       # fail when more than this fraction of records is rejected
     seed: int = 0                        # training order; does not change the cache
     separator: str = "<|endoftext|>"     # token between packed documents
+    val_fraction: float = 0.0            # share of input lines held out for validation (by a hash of each line)
+    split: str = "all"                   # all | train (the lines not held out) | val (the held-out lines)
 
     def __post_init__(self):
         self.paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
@@ -69,10 +76,16 @@ class DataSpec:
             raise ValueError(f"unknown data format {self.format!r}; choose one of {FORMATS}")
         if not 0 <= self.reject_threshold <= 1:
             raise ValueError(f"reject_threshold must be within [0, 1], got {self.reject_threshold}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be within [0, 1), got {self.val_fraction}")
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; choose one of {SPLITS}")
+        if self.split != "all" and not self.val_fraction:
+            raise ValueError(f"split {self.split!r} needs a val_fraction above 0")
 
     def encoder(self, tokenizer) -> Encoder:
         return Encoder(tokenizer, self.format, self.max_seq_len, pack=self.pack, text_field=self.text_field,
-                       separator=self.separator)
+                       separator=self.separator, split=self.split, val_fraction=self.val_fraction)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -95,54 +108,122 @@ def _scheme(uri: str) -> str:
 
 
 def resolve_paths(paths: Sequence[str]) -> list[tuple[str, int, int]]:
-    """Input files as (uri, size, mtime_ns): each path a file, a directory (its *.jsonl and *.jsonl.gz, not
-    recursive), a glob (`*` in a directory part also crosses '/') or a URI pyarrow reads (s3://, gs://, ...)."""
-    found: dict[str, tuple[str, int, int]] = {}
+    """Input files as (uri, size, mtime_ns); see `resolve_inputs`."""
+    return resolve_inputs(paths)[0]
+
+
+def resolve_inputs(paths: Sequence[str]) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(files, skipped). Files as (uri, size, mtime_ns): each path a file, a directory (its *.jsonl and
+    *.jsonl.gz, not recursive), a glob (`*` in a directory part also crosses '/') or a URI pyarrow reads
+    (s3://, gs://, ...). Skipped: what a directory holds besides those (logged, named in the manifest).
+
+    On the local file system each real file counts once, however many paths reach it (symlinks, a file named
+    twice), and a glob does not follow a symlink back to a directory above it (a loop).
+    """
+    found: dict[str, tuple[str, int, int]] = {}   # real path (local) or uri -> file
+    skipped: list[str] = []
+    twice: list[tuple[str, str]] = []             # (path, the path the same file was first reached by)
     for p in paths:
         fs, path = filesystem_of(str(p))
         scheme = _scheme(str(p))
+        local = isinstance(fs, pafs.LocalFileSystem)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            infos = [info]
+            listed = [(info.path, info.size, info.mtime_ns)]
         elif info.type == pafs.FileType.Directory:
-            infos = [i for i in fs.get_file_info(pafs.FileSelector(path))
-                     if i.type == pafs.FileType.File and i.path.endswith(JSONL_SUFFIXES)]
-            if not infos:
+            listed = []
+            for i in sorted(fs.get_file_info(pafs.FileSelector(path)), key=lambda i: i.path):
+                if i.type == pafs.FileType.File and i.path.endswith(JSONL_SUFFIXES):
+                    listed.append((i.path, i.size, i.mtime_ns))
+                else:
+                    skipped.append(scheme + i.path + ("/" if i.type == pafs.FileType.Directory else ""))
+            if not listed:
                 raise ValueError(f"{p}: directory holds no {' or '.join(JSONL_SUFFIXES)} files")
         elif glob.has_magic(path):
             parts = path.split("/")
             fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
             base = "/".join(parts[:fixed]) or "/"
             deep = fixed < len(parts) - 1
-            infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=deep, allow_not_found=True))
-                     if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)]
-            if not infos:
+            if local and deep:
+                listed = _walk_local(base)
+            else:
+                listed = [(i.path, i.size, i.mtime_ns) for i in
+                          fs.get_file_info(pafs.FileSelector(base, recursive=deep, allow_not_found=True))
+                          if i.type == pafs.FileType.File]
+            listed = [f for f in listed if fnmatch.fnmatchcase(f[0], path)]
+            if not listed:
                 raise ValueError(f"{p}: no file matches")
         else:
             raise ValueError(f"{p}: no such file or directory")
-        for i in sorted(infos, key=lambda i: i.path):
-            uri = scheme + i.path if scheme else i.path
-            if uri in found:
-                log.warning("input %s is named more than once; reading it once", uri)
-            found[uri] = (uri, int(i.size), int(i.mtime_ns or 0))
-    return list(found.values())
+        for name, size, mtime in sorted(listed):
+            uri = scheme + name if scheme else name
+            key = os.path.realpath(name) if local else uri
+            if key in found:
+                if found[key][0] == uri:
+                    log.warning("input %s is named more than once; reading it once", uri)
+                else:
+                    twice.append((uri, found[key][0]))
+                continue
+            found[key] = (uri, int(size), int(mtime or 0))
+    if twice:
+        log.warning("%d input path(s) reach a file already reached through another (symlinks): %s%s; each "
+                    "file is read once", len(twice), "; ".join(f"{a} is {b}" for a, b in twice[:3]),
+                    "; ..." if len(twice) > 3 else "")
+    if skipped:
+        log.warning("skipped %d entr%s that are not %s: %s%s", len(skipped), "y" if len(skipped) == 1 else "ies",
+                    " or ".join(JSONL_SUFFIXES), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+    return list(found.values()), skipped
+
+
+def _walk_local(base: str) -> list[tuple[str, int, int]]:
+    """Every file under local directory `base`, following symlinks except those that lead back to a directory
+    above them (pyarrow's recursive listing follows such a loop 40 levels deep, and two loops blow up
+    exponentially). Each loop cut is logged, naming the path."""
+    files: list[tuple[str, int, int]] = []
+
+    def walk(directory: str, above: dict[str, str]) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return
+        for entry in entries:
+            if entry.is_dir():
+                real = os.path.realpath(entry.path)
+                if real in above:
+                    log.warning("symlink loop: %s leads back to %s; not followed (its files are read once)",
+                                entry.path, above[real])
+                    continue
+                walk(entry.path, {**above, real: entry.path})
+            elif entry.is_file():
+                st = entry.stat()
+                files.append((entry.path, st.st_size, st.st_mtime_ns))
+    walk(base, {os.path.realpath(base): base})
+    return files
 
 
 def iter_chunks(uri: str, block_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
     """Whole lines of a jsonl(.gz) file in chunks of about `block_bytes`: (number of the first line, bytes)."""
     fs, path = filesystem_of(uri)
     line, tail = 1, b""
+    intact = 0  # complete lines read so far: where a truncated .gz breaks, to the nearest 1 MiB read
     try:
         with fs.open_input_stream(path) as f:  # compression="detect": .gz is decompressed as it streams
-            while chunk := f.read(block_bytes):
-                data = tail + chunk
+            while True:
+                pieces, size = [], 0
+                while size < block_bytes and (piece := f.read(min(block_bytes, 1 << 20))):
+                    pieces.append(piece)
+                    size += len(piece)
+                    intact += piece.count(b"\n")
+                if not pieces:
+                    break
+                data = tail + b"".join(pieces)
                 cut = data.rfind(b"\n") + 1
                 if cut:
                     yield line, data[:cut]
                     line += data.count(b"\n", 0, cut)
                 tail = data[cut:]
-    except (OSError, pa.ArrowException) as e:  # e.g. a truncated .gz: no line of it can be trusted
-        raise ValueError(f"{uri}: cannot read after line {line}: {e}") from e
+    except (OSError, pa.ArrowException) as e:  # e.g. a truncated .gz: the job stops, no cache is written
+        raise ValueError(f"{uri}: cannot read after line {intact}: {e}") from e
     if tail:
         yield line, tail
 
@@ -171,19 +252,27 @@ def iter_records(paths: Sequence[str], block_bytes: int = 1 << 20) -> Iterator[t
 
 
 def _read_blocks(batch: dict, block_bytes: int) -> Iterator[pa.Table]:
-    # One input row per file; a generator, so a file streams out block by block.
+    # One input row per file; a generator, so a file streams out block by block. A file that cannot be read
+    # (a truncated .gz) travels on as a message the driver raises: raised here, it would reach the user
+    # wrapped in Ray's remote traceback, logged by Ray Data as a bug in Ray.
     for uri in batch["file"]:
-        for first, data in iter_chunks(str(uri), block_bytes):
-            yield pa.table({"file": [str(uri)], "first_line": [first], "data": pa.array([data], pa.binary())})
+        try:
+            for first, data in iter_chunks(str(uri), block_bytes):
+                yield pa.table({"file": [str(uri)], "first_line": [first], "data": pa.array([data], pa.binary()),
+                                "error": [""]})
+        except ValueError as e:
+            yield pa.table({"file": [str(uri)], "first_line": [0], "data": pa.array([b""], pa.binary()),
+                            "error": [str(e)]})
 
 
 def _encode_blocks(batch: dict, encoder: Encoder) -> pa.Table:
     # One Ray task per block and one thread per task: Ray provides the parallelism, not the tokenizer's pool.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     out: dict[str, list] = {}
-    for uri, first, data in zip(batch["file"], batch["first_line"], batch["data"]):
+    for uri, first, data, error in zip(batch["file"], batch["first_line"], batch["data"], batch["error"]):
         block = encoder.encode_block(str(uri), int(first), split_lines(bytes(data)))
-        packet = {"file": str(uri), "records": block.records, "blank": block.blank,
+        packet = {"file": str(uri), "error": str(error), "records": block.records, "blank": block.blank,
+                  "held_out": block.held_out,
                   "truncated": block.rows.truncated, "lengths": block.rows.lengths.tobytes(),
                   "rejects": "\n".join(r.to_json() for r in block.rejects),
                   **{name: col.tobytes() for name, col in block.rows.columns.items()}}
@@ -275,8 +364,10 @@ class Prepared:
 
 
 def cache_key(spec: DataSpec, files, tokenizer, **ingest) -> str:
-    """What decides the cache's content; the training seed and the reject threshold do not."""
-    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("seed", "reject_threshold")}
+    """What decides the cache's content; the training seed and the reject threshold do not, nor val_fraction
+    when the whole data is used (so caches made before splits existed keep their key)."""
+    ignored = ("seed", "reject_threshold") + (("split", "val_fraction") if spec.split == "all" else ())
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ignored}
     fields["paths"] = files
     payload = json.dumps({"version": CACHE_VERSION, "spec": fields, "tokenizer": tokenizer.fingerprint(),
                           "ingest": ingest}, sort_keys=True)
@@ -286,13 +377,31 @@ def cache_key(spec: DataSpec, files, tokenizer, **ingest) -> str:
 def _check_rejects(manifest: dict, threshold: float, rejects_path: str) -> None:
     rejected, total = manifest["rejects"], manifest["rejects"] + manifest["records"]
     if total == 0:
-        raise ValueError(f"no records found in {[f['path'] for f in manifest['files']]}")
+        files = [f["path"] for f in manifest["files"]]
+        if manifest.get("split", "all") != "all":
+            raise ValueError(f"the {manifest['split']} split of {files} is empty: val_fraction "
+                             f"{manifest['val_fraction']} leaves it no record of {manifest.get('held_out', 0)}; "
+                             f"change --val-fraction")
+        raise ValueError(f"no records found in {files}")
     if rejected / total > threshold:
         path = Path(rejects_path)
         first = path.read_text(encoding="utf-8").split("\n", 1)[0] if path.is_file() else "(file removed)"
-        raise ValueError(f"{rejected} of {total} records ({rejected / total:.2%}) were rejected, above the "
-                         f"threshold of {threshold:.2%}; every one is listed in {rejects_path}. "
-                         f"First: {first}")
+        split = f" of the {manifest['split']} split" if manifest.get("split", "all") != "all" else ""
+        raise ValueError(f"{rejected} of {total} records{split} ({rejected / total:.2%}) were rejected, above the "
+                         f"threshold of {threshold:.2%} (--reject-threshold); every one is listed in "
+                         f"{rejects_path}. First: {first}")
+
+
+def _accepted_threshold(manifest: dict, threshold: float, path) -> float:
+    """The threshold a reused cache is checked against: the higher of this run's and the one it was accepted
+    under when it was made (`prepare --reject-threshold 0.1` once, then stages with their default reuse it)."""
+    accepted = manifest.get("reject_threshold", 0.0)
+    total = manifest["rejects"] + manifest["records"]
+    if accepted > threshold and total and manifest["rejects"] / total > threshold:
+        log.warning("cache %s holds %d rejected records of %d (%.2f%%), above this run's threshold of %.2f%%, "
+                    "but was accepted at %.2f%% when it was prepared: using it", path, manifest["rejects"], total,
+                    100 * manifest["rejects"] / total, 100 * threshold, 100 * accepted)
+    return max(accepted, threshold)
 
 
 def prepare_dataset(spec: DataSpec, tokenizer, cache_dir, *, rows_per_shard: int = 1024, window: int = 16,
@@ -305,14 +414,16 @@ def prepare_dataset(spec: DataSpec, tokenizer, cache_dir, *, rows_per_shard: int
     Raises ValueError when more than `spec.reject_threshold` of the records are rejected (after the pass, or
     early when over half of the first 10,000 are); the rejects file beside the cache lists each one.
     """
-    files = resolve_paths(spec.paths)
+    files, skipped = resolve_inputs(spec.paths)
     ingest = {"rows_per_shard": rows_per_shard, "window": window, "block_bytes": block_bytes}
-    name = f"{spec.format}-{spec.max_seq_len}-{cache_key(spec, files, tokenizer, **ingest)}"
+    split = "" if spec.split == "all" else f"-{spec.split}"
+    name = f"{spec.format}-{spec.max_seq_len}{split}-{cache_key(spec, files, tokenizer, **ingest)}"
     cache_dir = Path(cache_dir)
     out, rejects_path = cache_dir / name, cache_dir / f"{name}.rejects.jsonl"
     if (out / "manifest.json").is_file():
         prepared = Prepared.load(out)
-        _check_rejects(prepared.manifest, spec.reject_threshold, str(rejects_path))
+        threshold = _accepted_threshold(prepared.manifest, spec.reject_threshold, out)
+        _check_rejects(prepared.manifest, threshold, str(rejects_path))
         log.info("reusing cache %s (%d rows, %d tokens)", out, prepared.num_rows, prepared.manifest["tokens"])
         return prepared
 
@@ -326,7 +437,9 @@ def prepare_dataset(spec: DataSpec, tokenizer, cache_dir, *, rows_per_shard: int
                              spec.reject_threshold)
         manifest.update(format=spec.format, max_seq_len=spec.max_seq_len, row_len=encoder.row_len,
                         pack=spec.pack, text_field=spec.text_field, separator=spec.separator,
-                        tokenizer=tokenizer.fingerprint(), rejects_file=str(rejects_path), **ingest)
+                        split=spec.split, val_fraction=spec.val_fraction if spec.split != "all" else 0.0,
+                        tokenizer=tokenizer.fingerprint(), rejects_file=str(rejects_path),
+                        reject_threshold=spec.reject_threshold, skipped=skipped, **ingest)
         _check_rejects(manifest, spec.reject_threshold, str(rejects_path))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
         try:
@@ -341,6 +454,21 @@ def prepare_dataset(spec: DataSpec, tokenizer, cache_dir, *, rows_per_shard: int
     log.info("tokenised %d records into %d rows (%d tokens, %.1f%% padding) in %.1fs: %s", m["records"],
              m["rows"], m["tokens"], 100 * m["padding_fraction"], m["seconds"], out)
     return prepared
+
+
+def prepare_splits(spec: DataSpec, tokenizer, cache_dir, **ingest) -> tuple[Prepared, Prepared]:
+    """(train, val): `spec`'s data split by `spec.val_fraction` into two caches, each made like
+    `prepare_dataset` (same ingest options). A line goes to val iff a hash of its bytes falls below the
+    fraction (`minimind.formats.in_val_split`), decided before tokenising: no training row holds a held-out
+    document, and the split is the same on every run and for every seed. For pretrain, val rows are packed
+    like training rows (documents joined at separators, none split across train and val)."""
+    if not 0 < spec.val_fraction < 1:
+        raise ValueError(f"a validation split needs 0 < val_fraction < 1, got {spec.val_fraction}")
+    train = prepare_dataset(dataclasses.replace(spec, split="train"), tokenizer, cache_dir, **ingest)
+    val = prepare_dataset(dataclasses.replace(spec, split="val"), tokenizer, cache_dir, **ingest)
+    log.info("validation split: %d of %d records held out (val_fraction %g)", val.manifest["records"],
+             val.manifest["records"] + train.manifest["records"], spec.val_fraction)
+    return train, val
 
 
 def _tokenise(files, encoder: Encoder, out: Path, rejects_path: Path, rows_per_shard: int, window: int,
@@ -369,18 +497,20 @@ def _tokenise(files, encoder: Encoder, out: Path, rejects_path: Path, rows_per_s
 
     writer = _ShardWriter(out, columns, encoder.row_len, rows_per_shard, window, seed)
     per_file = {uri: {"path": uri, "size": size, "mtime_ns": mtime, "records": 0, "rejects": 0, "blank": 0,
-                      "rows": 0} for uri, size, mtime in files}
-    totals = {"records": 0, "rejects": 0, "blank": 0, "rows": 0, "truncated": 0, "real_tokens": 0}
+                      "held_out": 0, "rows": 0} for uri, size, mtime in files}
+    totals = {"records": 0, "rejects": 0, "blank": 0, "held_out": 0, "rows": 0, "truncated": 0, "real_tokens": 0}
     last_log = time.time()
     with open(rejects_path, "w", encoding="utf-8") as rejects:
         for packet in ds.iter_rows():
+            if packet["error"]:  # one clean line, e.g. "FILE: cannot read after line N: ..." (see _read_blocks)
+                raise ValueError(packet["error"])
             lengths = np.frombuffer(packet["lengths"], dtype=np.int32)
             writer.add({k: np.frombuffer(packet[k], dtype=np.float32 if k.endswith("mask") else np.int32)
                         .reshape(len(lengths), encoder.row_len) for k in columns}, lengths)
             if packet["rejects"]:
                 rejects.write(packet["rejects"] + "\n")
             counts = {"records": packet["records"], "rejects": packet["rejects"].count("\n") + bool(packet["rejects"]),
-                      "blank": packet["blank"], "rows": len(lengths)}
+                      "blank": packet["blank"], "held_out": packet["held_out"], "rows": len(lengths)}
             for key, value in counts.items():
                 per_file[packet["file"]][key] += value
             for key, value in {**counts, "truncated": packet["truncated"], "real_tokens": int(lengths.sum())}.items():
@@ -442,7 +572,10 @@ def read_piece(path: str, piece: Piece, seed: int, epoch: int) -> dict[str, np.n
     """One piece's rows as numpy arrays (2-D for the token columns), in its seeded in-shard order."""
     table = pq.read_table(path)
     order = np.random.default_rng([seed, epoch, piece.shard]).permutation(table.num_rows)
-    table = table.take(order[piece.start:piece.stop])
+    return _arrays(table.take(order[piece.start:piece.stop]))
+
+
+def _arrays(table: pa.Table) -> dict[str, np.ndarray]:
     out = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()
@@ -512,6 +645,42 @@ class WorkerShard:
             for start in range(0, n - n % batch_size, batch_size):
                 yield {k: torch.from_numpy(v[start:start + batch_size]).to(device or "cpu") for k, v in rows.items()}
             pending = [{k: v[n - n % batch_size:] for k, v in rows.items()}] if n % batch_size else []
+
+
+def eval_slice(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of the cache that rank `rank` evaluates: contiguous, sizes differing by at most one
+    (a rank may get none), together every row exactly once."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    return rank * num_rows // world_size, (rank + 1) * num_rows // world_size
+
+
+def iter_eval_batches(prepared: Prepared, batch_size: int, rank: int = 0, world_size: int = 1, device=None
+                      ) -> Iterator[dict]:
+    """Rank `rank`'s share of ALL rows of `prepared` (`eval_slice`), in cache order, as batches of tensors
+    like `iter_local_batches` gives (the last may be short; none when the share is empty). Nothing is dropped
+    or repeated across ranks, so sums over every rank's batches are sums over the whole set. Read in this
+    process with pyarrow, one shard at a time: no Ray Train or Ray Data needed."""
+    import torch
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    lo, hi = eval_slice(prepared.num_rows, rank, world_size)
+    pending: dict[str, np.ndarray] | None = None
+    pos = 0
+    for path, n in zip(prepared.shard_files, prepared.shard_rows):
+        a, b = max(lo, pos), min(hi, pos + n)
+        pos += n
+        if a >= b:
+            continue
+        rows = _arrays(pq.read_table(path).slice(a - (pos - n), b - a))
+        # A copy either way: arrow's buffers are read-only, which torch.from_numpy warns about.
+        rows = {k: np.concatenate([pending[k], v]) if pending is not None else v.copy() for k, v in rows.items()}
+        full = len(rows["row_id"]) - len(rows["row_id"]) % batch_size
+        for start in range(0, full, batch_size):
+            yield {k: torch.from_numpy(v[start:start + batch_size]).to(device or "cpu") for k, v in rows.items()}
+        pending = {k: v[full:] for k, v in rows.items()} if full < len(rows["row_id"]) else None
+    if pending is not None:
+        yield {k: torch.from_numpy(v).to(device or "cpu") for k, v in pending.items()}
 
 
 def _iter_epochs(shard: WorkerShard, batch_size: int, epochs: int, skip_batches: int, local: bool, device):

@@ -7,7 +7,9 @@ finally copies the last checkpoint's model directory and metrics log to `--out`.
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -19,33 +21,43 @@ from pathlib import Path
 
 import torch
 
-from .config import REPO_ROOT, Resolved, TrainConfig, resolve
-from .runtime import init_ray
+from minimind.config import get_preset
 
-REAL_TOKENIZER = REPO_ROOT.parent / "shared" / "data" / "minimind"
+from .config import Resolved, TrainConfig, resolve
+from .runtime import init_ray
 
 
 def resolve_tokenizer(cfg: TrainConfig):
-    """--tokenizer, else the --init checkpoint's, else the real MiniMind tokenizer beside the checkout,
-    else one trained on the bundled sample corpus."""
+    """(tokenizer, where it came from): --tokenizer, else the --init checkpoint's, else the one trained on the
+    bundled sample corpus. Never a file outside the project and the user's flags: a run must not change with
+    what happens to lie beside the checkout (a Ray job's working-dir copy has nothing beside it)."""
     from minimind.tokenizer import Tokenizer
     if cfg.tokenizer:
         p = Path(cfg.tokenizer)
         if not p.exists():
             raise ValueError(f"--tokenizer {p}: no such file or directory")
-        return Tokenizer.from_dir(p) if p.is_dir() else Tokenizer.from_file(p)
+        return (Tokenizer.from_dir(p) if p.is_dir() else Tokenizer.from_file(p)), str(p)
     if cfg.init and (Path(cfg.init) / "tokenizer.json").is_file():
-        return Tokenizer.from_dir(cfg.init)
-    if (REAL_TOKENIZER / "tokenizer.json").is_file():
-        return Tokenizer.from_dir(REAL_TOKENIZER)
+        return Tokenizer.from_dir(cfg.init), f"{cfg.init} (--init)"
     from minimind.__main__ import default_tokenizer
-    return default_tokenizer()
+    return default_tokenizer(), "trained on the bundled sample corpus (give --tokenizer for your own)"
 
 
-def data_spec(cfg: TrainConfig, stage):
+def data_spec(cfg: TrainConfig, stage, paths=None, **extra):
     from .data import DataSpec
-    return DataSpec(paths=tuple(cfg.data), format=stage.data_format, max_seq_len=cfg.max_seq_len,
-                    pack=cfg.pack, text_field=cfg.text_field, seed=cfg.seed)
+    return DataSpec(paths=tuple(paths or cfg.data), format=stage.data_format, max_seq_len=cfg.max_seq_len,
+                    pack=cfg.pack, text_field=cfg.text_field, seed=cfg.seed, **extra)
+
+
+def prepare_data(cfg: TrainConfig, stage, tokenizer, cache: str):
+    """(train, validation or None) as prepared caches: --val-data is prepared on its own; --val-fraction
+    splits --data by document hash at prepare time, so no training row holds a held-out document."""
+    from .data import prepare_dataset, prepare_splits
+    if cfg.val_fraction:
+        return prepare_splits(data_spec(cfg, stage, val_fraction=cfg.val_fraction), tokenizer, cache)
+    train = prepare_dataset(data_spec(cfg, stage), tokenizer, cache)
+    val = prepare_dataset(data_spec(cfg, stage, paths=cfg.val_data), tokenizer, cache) if cfg.val_data else None
+    return train, val
 
 
 def default_dirs(cfg: TrainConfig) -> tuple[str, str]:
@@ -71,13 +83,14 @@ def check_cluster(res: Resolved, cfg: TrainConfig, ray) -> None:
 class RayContext:
     """What the loop needs from a Ray Train worker."""
 
-    def __init__(self, cfg: TrainConfig, res: Resolved, tokenizer, micro_per_epoch: int, run_name: str):
+    def __init__(self, cfg: TrainConfig, res: Resolved, tokenizer, micro_per_epoch: int, run_name: str,
+                 val=None):
         import ray.train
         tc = ray.train.get_context()
         self.rank, self.world_size, self.local_rank = tc.get_world_rank(), tc.get_world_size(), tc.get_local_rank()
         self.resolved, self.tokenizer, self.run_name = res, tokenizer, run_name
         self.micro_batches_per_epoch = micro_per_epoch
-        self.cfg = cfg
+        self.cfg, self.val = cfg, val
         if res.use_gpu:
             self.device = ray.train.torch.get_device()
             torch.cuda.set_device(self.device)
@@ -109,6 +122,16 @@ class RayContext:
             return Path(ckpt.to_directory(str(local)))
         return Path(self.cfg.resume) if self.cfg.resume else None
 
+    def has_validation(self) -> bool:
+        return self.val is not None
+
+    def val_batches(self):
+        from .data import iter_eval_batches
+        return iter_eval_batches(self.val, self.cfg.batch_size, self.rank, self.world_size, self.device)
+
+    def char_counts(self):
+        return torch.from_numpy(self.tokenizer.token_char_counts()).to(self.device)
+
     def batches(self, start_micro_batch: int):
         from .data import iter_train_batches
         return iter_train_batches(self.cfg.batch_size, epochs=self.cfg.epochs, seed=self.cfg.seed,
@@ -134,11 +157,78 @@ class RayContext:
             publish_latest(posixpath.dirname(ckpt.path), ckpt.path, metrics["step"], ckpt.filesystem)
 
 
+class FatalError(RuntimeError):
+    """A worker error that a retry cannot cure (a configuration error, a full disk): the run stops at once
+    instead of restarting its workers max_failures times."""
+
+
+def _fatal(e: BaseException) -> FatalError | None:
+    if isinstance(e, (ValueError, FileNotFoundError)):
+        return FatalError(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    # pyarrow's file systems (Ray's checkpoint upload) raise OSError without an errno, naming it in words.
+    if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in str(e)):
+        return FatalError(f"no space left on the device writing {e.filename or 'a checkpoint'}: free space or "
+                          f"point --storage-path elsewhere")
+    return None
+
+
 def _worker(config: dict):
     from .loop import train
-    ctx = RayContext(config["cfg"], config["res"], config["tokenizer"], config["micro_per_epoch"],
-                     config["run_name"])
-    train(config["cfg"], config["stage"], ctx)
+    try:
+        ctx = RayContext(config["cfg"], config["res"], config["tokenizer"], config["micro_per_epoch"],
+                         config["run_name"], config["val"])
+        train(config["cfg"], config["stage"], ctx)
+    except Exception as e:
+        fatal = _fatal(e)
+        if fatal is None:
+            raise
+        raise fatal from e
+
+
+def _fatal_in(error: BaseException) -> FatalError | None:
+    """The FatalError a worker raised, if any, inside Ray Train's wrapping."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        for e in (failure, getattr(failure, "cause", None), getattr(failure, "__cause__", None)):
+            if isinstance(e, FatalError):
+                return e
+            if e is not None and type(e).__name__ == "FatalError":  # deserialised across processes
+                return e
+    return None
+
+
+def _failure_policy(failure_config):
+    """Ray Train's default policy, except that a FatalError from any worker is raised, not retried."""
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+
+    class FatalAwarePolicy(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            if _fatal_in(training_failed_error) is not None:
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+    return FatalAwarePolicy(failure_config)
+
+
+def _trainer_class():
+    """TorchTrainer with the fatal-aware failure policy. Ray Train offers no public hook for the policy; the
+    one private method it is passed through is overridden here, in the only module that knows Train."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs):
+            kwargs["failure_policy"] = _failure_policy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if os.environ.get("RAY_ADDRESS"):
+                return callbacks
+            # On the embedded cluster (started without the dashboard, to spare 2 cores ~1 GiB and 11
+            # processes) the cleaner's state-API query fails every second and logged 403 warnings in a 7-minute
+            # run. Its job, removing a dead controller's placement group, is done here by the cluster's own
+            # shutdown with this process.
+            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+    return Trainer
 
 
 def export_result(checkpoint_dir: Path, out: Path) -> Path:
@@ -158,46 +248,84 @@ def export_result(checkpoint_dir: Path, out: Path) -> Path:
     return out
 
 
+def check_resume(cfg: TrainConfig, stage) -> None:
+    """A --resume checkpoint must hold the model this run builds: say "preset mismatch" in the driver, not
+    a list of missing tensors from every worker."""
+    if not cfg.resume:
+        return
+    from minimind.checkpoint import load_config
+    model_dir = Path(cfg.resume) / "model"
+    if not (model_dir / "config.json").is_file() or not (Path(cfg.resume) / "trainer_state.json").is_file():
+        raise ValueError(f"--resume {cfg.resume}: not a training checkpoint (no model/config.json and "
+                         f"trainer_state.json); give a checkpoint directory from --storage-path")
+    saved = load_config(model_dir)
+    wanted = load_config(cfg.init) if cfg.init else get_preset(cfg.preset or "tiny")
+    if saved != wanted:
+        raise ValueError(f"--resume {cfg.resume}: preset mismatch: the checkpoint holds "
+                         f"{saved.preset_name() or 'a custom model'}, this run builds "
+                         f"{wanted.preset_name() or 'a custom model'} (--preset/--init)")
+
+
 def launch(cfg: TrainConfig, stage, callbacks=None) -> Path:
     """Train `stage` with `cfg` on Ray; returns --out. `callbacks` are Ray Train UserCallbacks (Tune's
     TuneReportCallback, for one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    from .data import prepare_dataset, steps_per_epoch, train_datasets
+    from .data import steps_per_epoch, train_datasets
+    from .loop import total_steps
 
     ray = init_ray()
     res = resolve(cfg, int(ray.cluster_resources().get("GPU", 0)))
     check_cluster(res, cfg, ray)
-    tokenizer = resolve_tokenizer(cfg)
+    tokenizer, tokenizer_source = resolve_tokenizer(cfg)
+    print(f"tokenizer: {tokenizer.vocab_size} tokens, {tokenizer_source}", flush=True)
     stage.check(cfg, tokenizer)
+    check_resume(cfg, stage)
     storage, cache = default_dirs(cfg)
-    prepared = prepare_dataset(data_spec(cfg, stage), tokenizer, cache)
+    prepared, val = prepare_data(cfg, stage, tokenizer, cache)
     micro_per_epoch = steps_per_epoch(prepared, cfg.batch_size, res.num_workers)
+    total_steps(cfg, micro_per_epoch)  # raises here, not in every worker, when the data gives no step
     datasets, dataset_config = train_datasets(prepared, res.num_workers, cfg.epochs, cfg.seed)
     run_name = cfg.run_name or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    trainer = TorchTrainer(
+    keep = (CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=cfg.keep_best_by,
+                             checkpoint_score_order="min")
+            if cfg.keep_best_by else CheckpointConfig(num_to_keep=cfg.keep_checkpoints))
+    trainer = _trainer_class()(
         _worker,
         train_loop_config={"cfg": cfg, "stage": stage, "res": res, "tokenizer": tokenizer,
-                           "micro_per_epoch": micro_per_epoch, "run_name": run_name},
+                           "micro_per_epoch": micro_per_epoch, "run_name": run_name, "val": val},
         torch_config=TorchConfig(backend=res.backend),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": cfg.gpus_per_worker} if res.use_gpu else {})}),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             callbacks=callbacks),
+                             checkpoint_config=keep, callbacks=callbacks),
         datasets=datasets, dataset_config=dataset_config,
     )
     print(f"{stage.name}: {res.num_workers} worker(s), {'GPU' if res.use_gpu else 'CPU'}, "
-          f"{'ZeRO-' + str(res.zero_stage) if res.zero_stage else 'DDP'}, {prepared.num_rows:,} rows, "
-          f"{micro_per_epoch} micro-batches/worker/epoch; run {run_name} in {storage}", flush=True)
-    result = trainer.fit()
-    if result.checkpoint is None:
+          f"{'ZeRO-' + str(res.zero_stage) if res.zero_stage else 'DDP'}, {prepared.num_rows:,} rows"
+          + (f" + {val.num_rows:,} validation rows" if val else "") +
+          f", {micro_per_epoch} micro-batches/worker/epoch; run {run_name} in {storage}", flush=True)
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        fatal = _fatal_in(e)
+        if fatal is None:
+            raise
+        from .publish import remove_torn_checkpoints
+        remove_torn_checkpoints(posixpath.join(storage, run_name))
+        raise ValueError(f"{stage.name} stopped without retrying: {fatal}") from None
+    checkpoint, which = result.checkpoint, "the last checkpoint"
+    if cfg.keep_best_by and result.best_checkpoints:
+        checkpoint, metrics = min(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.keep_best_by, math.inf))
+        which = f"the best checkpoint by {cfg.keep_best_by} ({metrics[cfg.keep_best_by]:.4f}, step {metrics['step']})"
+    if checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
+    with checkpoint.as_directory() as d:
         out = export_result(Path(d), Path(cfg.out))
+    print(f"{cfg.out} receives {which}", flush=True)
     (out / "run.json").write_text(json.dumps({"run_name": run_name, "storage_path": storage,
-                                              "checkpoint": result.checkpoint.path}, indent=2))
+                                              "checkpoint": checkpoint.path, "exported": which}, indent=2))
     return out

@@ -1,7 +1,9 @@
-"""What users see while a run trains: a progress line with ETA, MFU on GPU, and wandb.
+"""What users see while a run trains: a progress line with ETA, MFU on GPU, and the run loggers.
 
-MFU uses FLOPs per token = 6 * N_active + 12 * layers * hidden * seq_len (forward + backward of the dense
-weights, plus attention scores and values), over the GPU's dense bf16 peak.
+`tokens` and tokens/s count the real (non-padding) tokens the model processed, both sequences of a DPO row
+included; `padding_fraction` says what share of the input slots was padding. MFU uses those tokens and
+FLOPs per token = 6 * N_active + 12 * layers * hidden * seq_len (forward + backward of the dense weights, plus
+attention scores and values), over the GPU's dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -46,18 +48,22 @@ class MetricsLogger:
         self.ctx, self.total, self.flops_token = ctx, total_steps, flops_token
         self.peak = peak_flops(ctx.device)
         self.start = time.perf_counter()
-        self.start_step = None
-        self.wandb = None
-        if cfg.wandb and ctx.rank == 0:
+        self.start_step = None  # the step the ETA's clock started from (a restored run starts late)
+        self.loggers = None
+        if cfg.loggers and ctx.rank == 0:
             import dataclasses
+            from pathlib import Path
 
-            import wandb
-            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
-                                    name=ctx.run_name, dir=ctx.scratch_dir, reinit=True)
+            from .loggers import RunLoggers
+            directory = Path(cfg.out).parent / "logs" / ctx.run_name
+            self.loggers = RunLoggers(cfg.loggers, ctx.run_name, dataclasses.asdict(cfg), directory,
+                                      project=cfg.wandb_project)
 
     def record(self, state, means: dict, lr: float, tokens_per_s: float) -> dict:
         if self.start_step is None:
-            self.start_step = state.step - 1
+            # Steps since this logger started, not since the previous log line: the first ETA used one
+            # step's worth of the clock for log_interval steps and came out that many times too long.
+            self.start_step = state.restored_from[-1] if state.restored_from else 0
         rec = {"step": state.step, "tokens": state.tokens, **{k: round(v, 6) for k, v in means.items()},
                "lr": lr, "tokens_per_s": round(tokens_per_s, 1)}
         if self.peak:
@@ -75,10 +81,10 @@ class MetricsLogger:
                            f"loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.3f}{extra} | "
                            f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {rec['mfu']:.1%}" if "mfu" in rec else "")
                            + f" | ETA {format_seconds(eta)}")
-            if self.wandb is not None:
-                self.wandb.log(rec, step=state.step)
+            if self.loggers is not None:
+                self.loggers.log(rec, step=state.step)
         return rec
 
     def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
+        if self.loggers is not None:
+            self.loggers.close()

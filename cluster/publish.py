@@ -114,3 +114,21 @@ def read_latest(run_dir) -> dict | None:
         return None
     with fs.open_input_file(f"{root}/{POINTER}") as f:
         return json.loads(f.read())
+
+
+def remove_torn_checkpoints(run_dir) -> list[str]:
+    """After a run stopped for good (say, a full disk), delete its checkpoint directories that do not verify,
+    so storage holds only whole checkpoints; `latest` already names the last good one. Returns the removed."""
+    fs, root = filesystem_of(run_dir)
+    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    removed = []
+    for info in entries:
+        name = os.path.basename(info.path)
+        if info.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
+            continue
+        try:
+            verify_checkpoint(info.path, filesystem=fs)
+        except (ValueError, OSError):
+            fs.delete_dir(info.path)
+            removed.append(info.path)
+    return removed

@@ -2,6 +2,10 @@
 
 The loop only calls `backward`, `step`, `no_sync`, `module`, and the state methods; everything that differs
 between the three lives here.
+
+`backward(term)` has one meaning in every strategy: the gradient of `term` is added, as it is, to the step's
+global gradient. The loop already divided each micro-batch's loss sum by the whole step's weight (all
+micro-batches, all ranks), so a strategy only undoes the averaging its all-reduce does.
 """
 from __future__ import annotations
 
@@ -32,8 +36,10 @@ class Plain:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def backward(self, loss):
-        (loss / self.accumulation_steps).backward()
+    def backward(self, term):
+        # DDP averages gradients over ranks; the global objective is their sum.
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        (term * world).backward()
 
     def micro_step(self):
         pass
@@ -90,8 +96,9 @@ class DeepSpeed:
     def no_sync(self, last_micro_step: bool):
         return contextlib.nullcontext()  # DeepSpeed defers the reduction itself
 
-    def backward(self, loss):
-        self.engine.backward(loss)  # scaled by 1/accumulation inside the engine
+    def backward(self, term):
+        # DeepSpeed averages over data-parallel ranks; scale_wrt_gas=False stops its 1/accumulation scaling.
+        self.engine.backward(term * dist.get_world_size(), scale_wrt_gas=False)
 
     def micro_step(self):
         self.engine.step()  # a no-op for the optimizer except at accumulation boundaries

@@ -1,7 +1,7 @@
 """`python -m minimind {new,info,generate,convert}`: checkpoint tools for users.
 
   new       write a freshly initialised checkpoint directory (with a tokenizer)
-  info      print preset, parameter count, dtype and files of a checkpoint
+  info      verify a checkpoint (config, safetensors, no pickles) and print preset, parameters, files
   generate  stream a completion (or a chat reply with --chat) to the terminal
   convert   turn an original MiniMind .pth state dict into a checkpoint directory
   merge-lora  fold a LoRA adapter (adapter_config.json + adapter_model.safetensors) into a base checkpoint
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG, load_checkpoint, load_config, load_minimind_pth, save_checkpoint
+from .checkpoint import CONFIG, load_checkpoint, load_minimind_pth, save_checkpoint, verify_checkpoint
 from .config import PRESETS, get_preset
 from .generate import SamplingParams, TextStream, stream_generate
 from .model import MiniMind
@@ -50,7 +50,7 @@ def cmd_new(args):
 
 def cmd_info(args):
     ckpt = Path(args.dir)
-    cfg = load_config(ckpt)
+    cfg = verify_checkpoint(ckpt)  # describe only files that are whole and safe to load
     raw = json.loads((ckpt / CONFIG).read_text(encoding="utf-8"))
     with torch.device("meta"):
         n = MiniMind(cfg).num_parameters()

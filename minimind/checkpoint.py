@@ -121,6 +121,13 @@ def _swap_into_place(tmp: Path, out: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+# Top-level fields that transformers reads; each must say what our own "minimind" block says, or transformers
+# builds a different model than ours (and rejects the weights, or worse, loads them into the wrong shape).
+HF_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+             "rope_theta", "tie_word_embeddings")
+
+
 def load_config(ckpt_dir) -> ModelConfig:
     path = Path(ckpt_dir) / CONFIG
     if not Path(ckpt_dir).is_dir():
@@ -133,7 +140,9 @@ def load_config(ckpt_dir) -> ModelConfig:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if "minimind" in raw:
         fields = {k: v for k, v in raw["minimind"].items() if k != "preset"}
-        return ModelConfig.from_dict(fields)
+        cfg = ModelConfig.from_dict(fields)
+        _check_hf_fields_agree(raw, cfg, path)
+        return cfg
     if raw.get("model_type") != "llama":
         raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not a dense Llama config")
     return ModelConfig(
@@ -145,10 +154,29 @@ def load_config(ckpt_dir) -> ModelConfig:
         tie_word_embeddings=raw.get("tie_word_embeddings", True))
 
 
-def check_safetensors(f, size: int, name) -> None:
+def _check_hf_fields_agree(raw: dict, cfg: ModelConfig, path: Path) -> None:
+    want = hf_config(cfg, torch.float32)
+    for key in HF_FIELDS:
+        if key not in raw:
+            raise ValueError(f"{path}: top-level {key} is missing (the \"minimind\" block implies {want[key]!r})")
+        if raw[key] != want[key]:
+            raise ValueError(f"{path}: top-level {key} is {raw[key]!r} but the \"minimind\" block implies "
+                             f"{want[key]!r}; the two must agree (transformers reads the top level)")
+    theta = raw.get("rope_parameters", {}).get("rope_theta", cfg.rope_theta)
+    if theta != cfg.rope_theta:
+        raise ValueError(f"{path}: rope_parameters.rope_theta is {theta!r} but the \"minimind\" block says "
+                         f"{cfg.rope_theta!r}; the two must agree")
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def check_safetensors(f, size: int, name) -> dict:
     """Validate a safetensors file's header and every tensor's byte range, reading from the open binary file
-    `f` of `size` bytes; `name` goes into the error, so a truncated file names the tensor it cut. Works on any
-    file-like object (cluster.publish checks checkpoints on remote storage with it)."""
+    `f` of `size` bytes; `name` goes into the error, so a truncated file names the tensor it cut. Returns the
+    header (tensor name -> dtype, shape, data_offsets). Works on any file-like object (cluster.publish checks
+    checkpoints on remote storage with it)."""
     head = f.read(8)
     if len(head) < 8:
         raise ValueError(f"{name}: truncated safetensors file ({size} bytes, no header)")
@@ -159,18 +187,31 @@ def check_safetensors(f, size: int, name) -> None:
         header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{name}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{name}: corrupt safetensors header (not a JSON object)")
     data = size - 8 - n
     for tensor, info in header.items():
         if tensor == "__metadata__":
             continue
-        end = info.get("data_offsets", [0, 0])[1]
+        try:
+            begin, end = info["data_offsets"]
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            width = _DTYPE_BYTES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{name}: corrupt safetensors header entry for tensor {tensor} ({e!r})") from e
         if end > data:
             raise ValueError(f"{name}: tensor {tensor} is truncated (needs bytes up to {end}, file has {data})")
+        if width is not None and end - begin != numel * width:
+            raise ValueError(f"{name}: tensor {tensor} spans {end - begin} bytes, but {info['dtype']} "
+                             f"{info['shape']} needs {numel * width}")
+    return header
 
 
-def _check_safetensors(path: Path):
+def _check_safetensors(path: Path) -> dict:
     with open(path, "rb") as f:
-        check_safetensors(f, path.stat().st_size, path)
+        return check_safetensors(f, path.stat().st_size, path)
 
 
 def read_weights(path) -> dict[str, torch.Tensor]:
@@ -182,6 +223,52 @@ def read_weights(path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except SafetensorError as e:
         raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
+
+
+# A checkpoint directory never needs a pickle: these suffixes, or a pickle/zip (torch.save) signature, mark one.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _is_pickle(path: Path) -> bool:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head == b"PK\x03\x04"
+
+
+def verify_checkpoint(ckpt_dir) -> ModelConfig:
+    """Check a checkpoint directory without loading a tensor or unpickling anything: config.json agrees with
+    itself, no file in it is a pickle, every .safetensors file's header and byte ranges are whole, and
+    model.safetensors holds exactly the tensors (names, shapes) the config describes. Returns the config;
+    raises ValueError / FileNotFoundError naming the file."""
+    ckpt = Path(ckpt_dir)
+    cfg = load_config(ckpt)
+    for f in sorted(ckpt.iterdir()):
+        if f.is_file() and _is_pickle(f):
+            raise ValueError(f"{f}: a pickle file; this toolkit never unpickles (it can run code). Remove it; "
+                             f"an original MiniMind .pth goes through `python -m minimind convert`")
+    weights = ckpt / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing")
+    header = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        h = _check_safetensors(f)
+        if f == weights:
+            header = h
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in model_state_dict(MiniMind(cfg)).items()}
+    stored = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    if cfg.tie_word_embeddings:  # a tied head stored anyway is harmless: load_weights_into drops it too
+        stored.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights}: does not match {CONFIG}: missing tensors {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for k, shape in expected.items():
+        if stored[k] != shape:
+            raise ValueError(f"{weights}: tensor {k} has shape {stored[k]}, {CONFIG} implies {shape}")
+    return cfg
 
 
 def load_weights_into(model: MiniMind, sd: dict[str, torch.Tensor], source) -> None:

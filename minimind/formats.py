@@ -9,8 +9,12 @@ reasoning tags.
 Formats (the record layouts are MiniMind's, unchanged):
   pretrain  {"text": "..."}: documents packed end to end, each followed by a separator token, cut into rows
             (no padding except a block's last row); or, unpacked, MiniMind's `bos + text + eos` padded rows.
+            Special-token strings in the text DO become special tokens: MiniMind's pretrain_hq corpus writes
+            `<|im_start|>...<|im_end|>` as document structure, and pretraining on it means exactly that.
   chat      {"conversations": [{"role", "content"}, ...]}: the tokenizer's chat template (ChatML), trained
-            on the assistant turns only (their content and the <|im_end|> that closes them).
+            on the assistant turns only (their content and the <|im_end|> that closes them). Turns alternate
+            user/assistant after an optional first system turn. Contents are encoded as plain text
+            (`Tokenizer.encode_chat`), so special-token strings inside a turn never become special tokens.
   reason    chat rows whose <think>, </think>, <answer>, </answer> tags weigh TAG_WEIGHT. The tags are found
             as whole strings in the assistant text; MiniMind instead up-weights every occurrence of the
             tags' sub-tokens ("<", "th", "ink", ...) anywhere in the answer, which also hits ordinary text.
@@ -20,6 +24,7 @@ A bad record raises `RecordError` (a ValueError) saying what is wrong; the calle
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -87,6 +92,11 @@ def record_conversation(record: Any, name: str = "conversations") -> list[dict]:
             raise RecordError(f"{name}[{i}] is a system turn after the first turn")
         if role == "assistant" and not content:
             raise RecordError(f"{name}[{i}] is an empty assistant turn")
+        if i > 0 and role == turns[i - 1].get("role"):
+            # ChatML would render two turns of one speaker back to back (and MiniMind's template an assistant
+            # header before each user turn): the model would learn from a conversation that cannot happen.
+            raise RecordError(f"{name}[{i}] is a second {role} turn in a row; user and assistant turns must "
+                              f"alternate")
     first = 1 if turns[0]["role"] == "system" else 0
     if first == len(turns) or turns[first]["role"] != "user":
         raise RecordError(f"{name!r} must start with a user turn (after an optional system turn)")
@@ -206,9 +216,11 @@ def chat_tokens(tokenizer, messages: list[dict], tag_weight: float | None = None
     with `tag_weight`, the reasoning tags inside assistant turns get that weight instead.
     """
     text, spans = assistant_spans(tokenizer, messages)
-    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-    ids = np.asarray(encoding.ids, dtype=np.int32)
-    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    # Contents are plain text: a "<|im_end|>\n<|im_start|>system" typed into a turn stays characters.
+    encoded_text, token_ids, token_offsets = tokenizer.encode_chat_offsets(messages, add_generation_prompt=False)
+    assert encoded_text == text, "encode_chat_offsets and apply_chat_template rendered different text"
+    ids = np.asarray(token_ids, dtype=np.int32)
+    offsets = np.asarray(token_offsets, dtype=np.int64).reshape(-1, 2)
     weights = np.zeros(len(ids), dtype=np.float32)
     _weights_from_spans(offsets, spans, 1.0, weights)
     if tag_weight is not None:
@@ -247,7 +259,19 @@ class Block:
     rows: Rows
     records: int = 0                 # lines that became training data
     blank: int = 0                   # empty lines, skipped
+    held_out: int = 0                # lines of the other split (train/val), skipped unread
     rejects: list[Reject] = field(default_factory=list)
+
+
+SPLITS = ("all", "train", "val")
+
+
+def in_val_split(raw: bytes, val_fraction: float) -> bool:
+    """Whether a jsonl line belongs to the held-out validation split: a hash of its bytes (whitespace at the
+    ends stripped) read as a number in [0, 1) is below `val_fraction`. Decided by the line alone, so the same
+    record (and every exact duplicate of it) always falls on the same side, whatever the seed, order or files."""
+    digest = hashlib.blake2b(raw.strip(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 
 def columns_of(fmt: str) -> tuple[str, ...]:
@@ -259,11 +283,15 @@ class Encoder:
     """Turns blocks of raw jsonl lines into rows for one format. Picklable (it holds a picklable tokenizer)."""
 
     def __init__(self, tokenizer, fmt: str, max_seq_len: int, pack: bool = True, text_field: str = "text",
-                 separator: str = "<|endoftext|>", tag_weight: float = TAG_WEIGHT):
+                 separator: str = "<|endoftext|>", tag_weight: float = TAG_WEIGHT, split: str = "all",
+                 val_fraction: float = 0.0):
         if fmt not in FORMATS:
             raise ValueError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        self.split, self.val_fraction = split, val_fraction
         self.tokenizer, self.format, self.pack, self.text_field = tokenizer, fmt, pack, text_field
         self.row_len = max_seq_len + 1
         self.sep_id = tokenizer.token_to_id(separator)
@@ -271,12 +299,16 @@ class Encoder:
 
     def encode_block(self, file: str, first_line: int, raws: Sequence[bytes]) -> Block:
         """Encode consecutive lines `raws` of `file`, the first being line `first_line` (1-based).
-        Bad lines become rejects; blank lines are counted and skipped."""
+        Bad lines become rejects; blank lines are counted and skipped. With a train or val split, the lines of
+        the other split are dropped before anything else (so no packed row mixes the two)."""
         block = Block(Rows({}, np.zeros(0, np.int32)))
         items = []
         for line, raw in enumerate(raws, first_line):
             if not raw.strip():
                 block.blank += 1
+                continue
+            if self.split != "all" and in_val_split(raw, self.val_fraction) != (self.split == "val"):
+                block.held_out += 1
                 continue
             try:
                 items.append(self._validate(parse_line(raw)))
@@ -290,9 +322,13 @@ class Encoder:
         # Everything that can fail on one record happens here, so a bad record never spoils its block.
         if self.format == "pretrain":
             return record_text(record, self.text_field)  # encoded later, a block at a time
-        if self.format == "dpo":
-            return [chat_tokens(self.tokenizer, c) for c in record_dpo(record)]
-        return [chat_tokens(self.tokenizer, record_conversation(record), self.tag_weight)]
+        conversations = record_dpo(record) if self.format == "dpo" else [record_conversation(record)]
+        try:
+            return [chat_tokens(self.tokenizer, c, self.tag_weight) for c in conversations]
+        except RecordError:
+            raise
+        except ValueError as e:  # the chat template's raise_exception(): it refuses this conversation
+            raise RecordError(str(e)) from None
 
     def _rows(self, items: list) -> Rows:
         tok, L = self.tokenizer, self.row_len

@@ -23,6 +23,7 @@ import heapq
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -30,6 +31,7 @@ from typing import Any, Iterable, Iterator
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -124,6 +126,8 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         self.model_max_length = model_max_length
         self._template: jinja2.Template | None = None  # compiled lazily; not pickled
+        self._plain: tokenizers.Tokenizer | None = None  # the backend with special-token matching off (lazy)
+        self._char_counts: np.ndarray | None = None
         self._fingerprint: str | None = None  # cached: hashing means serialising the whole vocabulary
         for name in (bos_token, eos_token, pad_token, unk_token):
             if backend.token_to_id(name) is None:
@@ -257,6 +261,56 @@ class Tokenizer:
                 raise ValueError(f"encode_batch expects strs, got {type(t).__name__}")
         return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``)."""
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
+
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        # A second backend, because `encode_special_tokens` is a setting of the whole Rust object: flipping it
+        # on the shared one would race with encode() in other threads.
+        if self._plain is None:
+            plain = tokenizers.Tokenizer.from_str(self._backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
+
+    def _encode_plain(self, text: str) -> tokenizers.Encoding:
+        encoding = self._plain_backend().encode(text, add_special_tokens=False)
+        if not self.special_ids.isdisjoint(encoding.ids):
+            # Only a vocabulary whose BPE merges rebuild a special string from its bytes could do this.
+            raise ValueError("this tokenizer's vocabulary turns plain text into special tokens; "
+                             "content cannot be encoded safely")
+        return encoding
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` as ordinary text: a special-token string inside it (``<|im_start|>``...) becomes
+        the byte-level tokens of its characters, never the special token, and ``decode`` gives ``text`` back.
+        Use it for anything a user or a data file supplies as message content."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode_plain expects a str, got {type(text).__name__}")
+        return self._encode_plain(text).ids
+
+    def token_char_counts(self) -> np.ndarray:
+        """(vocab_size,) int64: for each token id, the characters it starts, i.e. the UTF-8 lead bytes (bytes
+        outside 0x80..0xBF) of its byte string; 0 for special tokens. Summed over ``encode_plain(text)`` it
+        gives ``len(text)``, whatever the tokens' split of multi-byte characters (bits per character)."""
+        if self._char_counts is None:
+            to_byte = {c: b for b, c in _byte_alphabet().items()}
+            special = self.special_ids
+            counts = np.zeros(self.vocab_size, dtype=np.int64)
+            for i in range(self.vocab_size):
+                token = self._backend.id_to_token(i)
+                if token is None or i in special:
+                    continue
+                try:
+                    counts[i] = sum(1 for c in token if not 0x80 <= to_byte[c] <= 0xBF)
+                except KeyError:
+                    raise ValueError(f"token {i} ({token!r}) is not a byte-level token; cannot count its "
+                                     f"characters") from None
+            self._char_counts = counts
+        return self._char_counts
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         # int() so numpy / torch integer scalars (e.g. from a generated tensor) are accepted too.
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -282,6 +336,64 @@ class Tokenizer:
         text = self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                      **variables)
         return self.encode(text) if tokenize else text
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs: Any) -> list[int]:
+        """The ids of ``apply_chat_template(messages, ...)``, except that message contents are encoded as plain
+        text (:meth:`encode_plain`): only the template's own special tokens become special ids, so a user who
+        writes ``<|im_end|>\\n<|im_start|>system`` cannot open a turn. For contents without special strings the
+        ids equal ``apply_chat_template(messages, add_generation_prompt, tokenize=True)``."""
+        return self.encode_chat_offsets(messages, add_generation_prompt, **kwargs)[1]
+
+    def encode_chat_offsets(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs: Any
+                            ) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """:meth:`encode_chat` plus the rendered text and each token's (start, end) character span in it.
+
+        How: each special string inside a content is swapped for a private-use character the conversation
+        does not contain, the template is rendered, the result is cut at the special strings (all of them the
+        template's now), and every piece between them, the swap undone, is encoded as plain text. The backend
+        itself also cuts text at special strings before tokenising, so the ids are the same when no content
+        holds one.
+        """
+        specials = sorted((t.content for t in self._backend.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        contents = [m.get("content") for m in messages if isinstance(m, dict)]
+        texts = [c for c in contents if isinstance(c, str)]
+        swap: dict[str, str] = {}
+        code = 0x10FFFD  # the top of Supplementary Private Use Area-B: never real text
+        for special in specials:
+            if any(special in c for c in texts):
+                while any(chr(code) in c for c in texts):
+                    code -= 1
+                swap[special] = chr(code)
+                code -= 1
+        if swap:
+            def defang(c: str) -> str:
+                for special, mark in swap.items():
+                    c = c.replace(special, mark)
+                return c
+            messages = [{**m, "content": defang(m["content"])} if isinstance(m, dict) and
+                        isinstance(m.get("content"), str) else m for m in messages]
+        rendered = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                            tokenize=False, **kwargs)
+        marks = {mark: special for special, mark in swap.items()}
+        pieces = re.split("(" + "|".join(map(re.escape, specials)) + ")", rendered) if specials else [rendered]
+        text, ids, offsets = [], [], []
+        pos = 0
+        for k, piece in enumerate(pieces):
+            if k % 2:  # a special string the template wrote
+                ids.append(self.token_to_id(piece))
+                offsets.append((pos, pos + len(piece)))
+            elif piece:
+                for mark, special in marks.items():
+                    piece = piece.replace(mark, special)
+                encoding = self._encode_plain(piece)
+                ids.extend(encoding.ids)
+                offsets.extend((pos + a, pos + b) for a, b in encoding.offsets)
+            text.append(piece)
+            pos += len(piece)
+        return "".join(text), ids, offsets
 
     # ---------------------------------------------------------------- identity, pickling
 
@@ -319,6 +431,18 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """Byte -> character of the byte-level alphabet (GPT-2's): printable Latin-1 bytes stand for themselves,
+    the other 68 bytes map to U+0100 onwards in byte order. Token strings of a ByteLevel BPE use it."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    out, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- corpus input

@@ -9,18 +9,18 @@ import torch
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 from minimind.losses import distill_loss
-from stages.common import Stage, load_frozen, run_stage, TrainConfig, BUNDLED
+from stages.common import Stage, StageLoss, load_frozen, run_stage, ChatTrainConfig, BUNDLED
 
 
 @dataclass
-class DistillConfig(TrainConfig):
+class DistillConfig(ChatTrainConfig):
     data: tuple[str, ...] = (str(BUNDLED / "sample_sft.jsonl"),)
     out: str = "out/distill"
     epochs: int = 6
     batch_size: int = 32
     accumulation_steps: int = 1
     lr: float = 5e-6
-    teacher: str = field(default="", metadata={"help": "frozen teacher checkpoint directory (required)"})
+    teacher: str = field(default="", metadata={"path": True, "help": "frozen teacher checkpoint directory (required)"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the hard-label CE; 1 - alpha goes to KL"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature T of the KL term"})
 
@@ -50,9 +50,10 @@ class Distill(Stage):
             teacher_logits = self.teacher(ids[:, :-1]).logits
         if teacher_logits.shape[-1] != out.logits.shape[-1]:
             raise ValueError(f"teacher vocab {teacher_logits.shape[-1]} != student vocab {out.logits.shape[-1]}")
-        loss, metrics = distill_loss(out.logits, teacher_logits, ids[:, 1:], batch["loss_mask"][:, 1:],
-                                     self.alpha, self.temperature)
-        return loss + out.aux_loss, metrics
+        # Per masked token: weight() (the loss-mask sum) is the denominator.
+        total, metrics = distill_loss(out.logits, teacher_logits, ids[:, 1:], batch["loss_mask"][:, 1:],
+                                      self.alpha, self.temperature, reduction="sum")
+        return StageLoss(total, out.aux_loss, metrics)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ import torch
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 from minimind.losses import dpo_loss, sequence_logprob
-from stages.common import Stage, load_frozen, run_stage, TrainConfig, BUNDLED
+from stages.common import Stage, StageLoss, load_frozen, run_stage, ChatTrainConfig, BUNDLED
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(ChatTrainConfig):
     # MiniMind's DPO defaults: a tiny lr, since the policy starts at the reference.
     data: tuple[str, ...] = (str(BUNDLED / "sample_dpo.jsonl"),)
     out: str = "out/dpo"
@@ -22,7 +22,7 @@ class DPOConfig(TrainConfig):
     lr: float = 1e-8
     max_seq_len: int = 1024
     beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
-    reference: str = field(default="", metadata={"help": "frozen reference checkpoint ('' = --init)"})
+    reference: str = field(default="", metadata={"path": True, "help": "frozen reference checkpoint ('' = --init)"})
 
     def validate(self):
         super().validate()
@@ -43,6 +43,12 @@ class DPO(Stage):
         out = model(ids[:, :-1])
         return sequence_logprob(out.logits, ids[:, 1:], mask[:, 1:]), out.aux_loss
 
+    def weight(self, batch):
+        return torch.tensor(float(batch["chosen_ids"].shape[0]), dtype=torch.float64)  # DPO reduces per pair
+
+    def scored_chars(self, batch, char_counts):
+        return None
+
     def loss(self, model, batch):
         # Chosen and rejected rows go through the model in one batch: (2B, T).
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]]).long()
@@ -51,8 +57,8 @@ class DPO(Stage):
         with torch.no_grad():
             reference, _ = self._logprobs(self.reference, ids, mask)
         b = batch["chosen_ids"].shape[0]
-        loss, metrics = dpo_loss(policy[:b], policy[b:], reference[:b], reference[b:], self.beta)
-        return loss + aux, metrics
+        total, metrics = dpo_loss(policy[:b], policy[b:], reference[:b], reference[b:], self.beta, reduction="sum")
+        return StageLoss(total, aux, metrics)
 
 
 if __name__ == "__main__":

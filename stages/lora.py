@@ -15,11 +15,11 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 from minimind.checkpoint import read_weights
 from minimind.lora import (ADAPTER_WEIGHTS, DEFAULT_TARGETS, apply_lora, load_lora_state_dict, merge_lora,
                            save_adapter)
-from stages.common import Stage, run_stage, TrainConfig, BUNDLED
+from stages.common import Stage, run_stage, ChatTrainConfig, BUNDLED
 
 
 @dataclass
-class LoRAConfig(TrainConfig):
+class LoRAConfig(ChatTrainConfig):
     # MiniMind's LoRA defaults.
     data: tuple[str, ...] = (str(BUNDLED / "sample_sft.jsonl"),)
     out: str = "out/lora"

@@ -6,11 +6,11 @@ stronger model, with the four tag tokens weighted x10 in the loss so the format 
 from dataclasses import dataclass
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
-from stages.common import Stage, causal_lm_loss, run_stage, TrainConfig, BUNDLED
+from stages.common import Stage, StageLoss, causal_lm_loss, run_stage, ChatTrainConfig, BUNDLED
 
 
 @dataclass
-class ReasonConfig(TrainConfig):
+class ReasonConfig(ChatTrainConfig):
     # MiniMind's reasoning-distillation defaults.
     data: tuple[str, ...] = (str(BUNDLED / "sample_reason.jsonl"),)
     out: str = "out/reason"
@@ -26,10 +26,16 @@ class Reason(Stage):
     data_format = "reason"  # loss_mask carries weight 10 on the tag tokens
     config_cls = ReasonConfig
 
+    # weight(): MiniMind's normalisation, kept: the denominator is the sum of the loss-mask weights, so each
+    # tag token counts 10 and every other assistant token 1 (the loss is sum(w * ce) / sum(w) over the step).
+
+    def scored_chars(self, batch, char_counts):
+        return None  # weights are not 0/1: nats per character is not defined
+
     def loss(self, model, batch):
-        loss, out = causal_lm_loss(model, batch)
+        total, out = causal_lm_loss(model, batch)
         tags = (batch["loss_mask"][:, 1:] > 1).sum()
-        return loss + out.aux_loss, {"aux_loss": out.aux_loss, "tag_tokens": tags.float()}
+        return StageLoss(total, out.aux_loss, {"aux_loss": out.aux_loss, "tag_tokens": tags.float()})
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def test_wrong_shape_names_file_and_tensor(tmp_path):
     save_checkpoint(_model("tiny"), tmp_path / "ck")
     cfg_path = tmp_path / "ck" / "config.json"
     raw = json.loads(cfg_path.read_text())
-    raw["minimind"]["intermediate_size"] = 256  # the stored FFN weights are 192 wide
+    raw["minimind"]["intermediate_size"] = raw["intermediate_size"] = 256  # the stored FFN weights are 192 wide
     cfg_path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape"):
         load_model(tmp_path / "ck")
@@ -172,3 +172,63 @@ def test_cli_new_info_generate(tmp_path, shared_data, tokenizer):
     assert chat == tok.decode(chat_ids) + "\n"
     bad = _cli("info", str(tmp_path / "missing"), check=False)
     assert bad.returncode == 2 and "missing" in bad.stderr
+
+
+def test_cli_info_refuses_truncated_weights(tmp_path):
+    save_checkpoint(_model(), tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    bad = _cli("info", str(tmp_path / "ck"), check=False)
+    assert bad.returncode == 2, bad.stdout
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.safetensors: tensor" in lines[0] and "truncated" in lines[0]
+
+
+_MARKER_PAYLOAD = '''
+import os, pickle
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+with open({path!r}, "wb") as f:
+    pickle.dump({{"model.embed_tokens.weight": Boom()}}, f)
+'''
+
+
+def test_cli_info_refuses_pickle_without_unpickling(tmp_path):
+    save_checkpoint(_model(), tmp_path / "ck")
+    marker = tmp_path / "pwned"
+    # A pickle that would create `marker` if anything loaded it, written by a separate process so this test
+    # itself never holds the payload class.
+    for name in ("pytorch_model.bin", "weights.data"):  # by suffix, and by content alone
+        path = tmp_path / "ck" / name
+        subprocess.run([sys.executable, "-c", _MARKER_PAYLOAD.format(marker=marker, path=str(path))], check=True)
+        bad = _cli("info", str(tmp_path / "ck"), check=False)
+        assert bad.returncode == 2 and f"{name}: a pickle file" in bad.stderr, bad.stderr
+        assert not marker.exists()
+        path.unlink()
+    assert _cli("info", str(tmp_path / "ck")).returncode == 0
+
+
+def test_cli_info_refuses_weights_that_do_not_match_config(tmp_path):
+    save_checkpoint(_model("tiny"), tmp_path / "ck")
+    save_checkpoint(_model("tiny-moe"), tmp_path / "moe")
+    (tmp_path / "ck" / "model.safetensors").write_bytes((tmp_path / "moe" / "model.safetensors").read_bytes())
+    bad = _cli("info", str(tmp_path / "ck"), check=False)
+    assert bad.returncode == 2 and "model.safetensors: does not match config.json" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", 96), ("num_key_value_heads", 1), ("rope_theta", 10000.0),
+                                         ("tie_word_embeddings", False), ("model_type", "minimind_moe")])
+def test_config_top_level_must_agree_with_minimind_block(tmp_path, field, value):
+    save_checkpoint(_model("tiny"), tmp_path / "ck")
+    path = tmp_path / "ck" / "config.json"
+    raw = json.loads(path.read_text())
+    raw[field] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=rf"config\.json: top-level {field} is .* \"minimind\" block"):
+        load_config(tmp_path / "ck")
+    del raw[field]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=rf"config\.json: top-level {field} is missing"):
+        load_config(tmp_path / "ck")
