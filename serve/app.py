@@ -10,9 +10,12 @@ preallocated KV cache) in a child process of the replica (`serve.engine_process`
 authorises and formats.
 
 Safe by default: Serve binds 127.0.0.1; when the environment variable named by `api_key_env` (default
-MINIMIND_API_KEY) is set where the app is built, /v1 routes require `Authorization: Bearer <key>`; bodies and
-max_tokens are bounded; a prompt that does not fit the context is a 400; every client error is an OpenAI-style
-JSON error with a 4xx status and the replica keeps serving.
+MINIMIND_API_KEY) is set where the app is built, /v1 routes, /openapi.json and the engine statistics in /health
+require `Authorization: Bearer <key>`; web pages on other sites cannot drive the API through a browser
+(serve/guard.py: POSTs must be application/json, the Host header must name this server, CORS only for
+`cors_origins`); bodies and max_tokens are bounded; a prompt that does not fit the context is a 400; message
+contents never become special tokens; every client error is an OpenAI-style JSON error with a 4xx status and the
+replica keeps serving; every 503 carries Retry-After.
 """
 import sys
 from pathlib import Path
@@ -29,6 +32,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from cluster.runtime import REPO_ROOT, loopback_env
 
@@ -42,14 +46,19 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # n
 from ray import serve  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-from serve.engine import EngineConfig  # noqa: E402
+from serve.engine import ContextLengthExceeded, EngineBusy, EngineConfig, EngineUnavailable  # noqa: E402
 from serve.engine_process import EngineProcess  # noqa: E402
+from serve.guard import BrowserGuard, BrowserPolicy, split_list  # noqa: E402
 from serve.protocol import (SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest,  # noqa: E402
                             ThinkSplitter, chat_chunk, chat_response, completion_response, new_id, parse_request,
                             sse, usage, usage_chunk)
 
 STATIC = Path(__file__).resolve().parent / "static"
 APP_NAME = "minimind"
+HEALTH_CHECK_PERIOD_S = 10
+# Seconds a client should wait after a 503: a full queue drains quickly; a dead engine's replica is replaced
+# after the next failed health check plus the new replica's start.
+RETRY_BUSY_S, RETRY_DEAD_S = 1, 3 * HEALTH_CHECK_PERIOD_S
 
 
 @dataclass
@@ -78,6 +87,12 @@ class ServeConfig:
     access_log: bool = field(default=True, metadata={"help": "log every request in the replica's log"})
     stream_interval_ms: int = field(default=0, metadata={"help": "least ms between two streamed chunks of a "
                                                                  "request; tokens in between are merged"})
+    allowed_hosts: str = field(default="", metadata={
+        "help": "comma list of extra Host header values accepted (name or name:port; '*': any), for a server "
+                "reached by a name, e.g. behind a reverse proxy; the bound address is always accepted"})
+    cors_origins: str = field(default="", metadata={
+        "help": "comma list of web origins (https://app.example.com) allowed to call the API from a browser "
+                "(CORS); default none"})
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -98,6 +113,13 @@ class ServeConfig:
         self.name = self.name or path.name
         if self.lora:
             self.lora = str(Path(os.path.expanduser(self.lora)).resolve())
+        for origin in split_list(self.cors_origins):
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/")):
+                raise ValueError(f"cors_origins: {origin!r} is not an origin like https://app.example.com")
+        for host in split_list(self.allowed_hosts):
+            if host != "*" and ("/" in host or urlsplit("//" + host).hostname is None):
+                raise ValueError(f"allowed_hosts: {host!r} is not a host name like chat.example.com[:port]")
 
 
 @dataclass
@@ -109,12 +131,26 @@ class LaunchConfig(ServeConfig):
 
 # ------------------------------------------------------------------------------------------ HTTP layer
 
-api = FastAPI(title="MiniMind OpenAI-compatible API", docs_url=None, redoc_url=None)
+# No open schema or docs pages: /openapi.json is a route below that asks for the key like /v1 does.
+api = FastAPI(title="MiniMind OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _replica_policy() -> BrowserPolicy:
+    # The guard is attached at import time, the config arrives with the replica: ask the replica (one per process).
+    return serve.get_replica_context().servable_object.browser_policy
+
+
+def _error_body(status: int, message: str, code: str) -> dict:
+    return ApiError(status, message, code=code).body()
+
+
+# Before @serve.ingress below, which freezes a copy of the app.
+api.add_middleware(BrowserGuard, policy=_replica_policy, error_body=_error_body)
 
 
 @api.exception_handler(ApiError)
 async def _api_error(_request, e: ApiError):
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -137,6 +173,11 @@ def _sse_response(events) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _unavailable(e: EngineUnavailable) -> ApiError:
+    return ApiError(503, f"{e}; retry later", type="server_error", code="engine_unavailable",
+                    retry_after=RETRY_DEAD_S)
+
+
 async def _collect(stream) -> tuple[str, str, dict]:
     """Run a request to the end: (text, finish_reason, usage)."""
     parts = []
@@ -147,7 +188,7 @@ async def _collect(stream) -> tuple[str, str, dict]:
     return "".join(parts), d.finish_reason, usage(d.prompt_tokens, d.completion_tokens)
 
 
-@serve.deployment(name="MiniMind", max_ongoing_requests=256, health_check_period_s=10)
+@serve.deployment(name="MiniMind", max_ongoing_requests=256, health_check_period_s=HEALTH_CHECK_PERIOD_S)
 @serve.ingress(api)
 class MiniMindServer:
     def __init__(self, config: dict, api_key: str | None):
@@ -162,6 +203,7 @@ class MiniMindServer:
                                     threads=self.cfg.threads or max(1, math.floor(self.cfg.num_cpus)),
                                     stream_interval=self.cfg.stream_interval_ms / 1000)
         self.api_key = api_key
+        self.browser_policy = BrowserPolicy(split_list(self.cfg.allowed_hosts), split_list(self.cfg.cors_origins))
         gen_config = Path(self.cfg.model) / GENERATION_CONFIG
         defaults = json.loads(gen_config.read_text(encoding="utf-8")) if gen_config.is_file() else {}
         # Unset temperature / top_p take the checkpoint's recommendation, as transformers' generate does.
@@ -186,8 +228,22 @@ class MiniMindServer:
         return HTMLResponse(self.page)
 
     @api.get("/health")
-    async def health(self):
-        return {"status": "ok", "model": self.cfg.name, "engine": await self.engine.stats()}
+    async def health(self, request: Request):
+        """Liveness for anyone ({"status": "ok"}, or a 503 with the reason); the engine statistics need the key."""
+        try:
+            if self.api_key is not None and "authorization" not in request.headers:
+                self.engine.check_alive()
+                return {"status": "ok"}
+            self._authorize(request)
+            stats = await self.engine.stats()
+        except EngineUnavailable as e:
+            raise _unavailable(e) from None
+        return {"status": "ok", "model": self.cfg.name, "engine": stats}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        self._authorize(request)
+        return request.app.openapi()
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -203,7 +259,8 @@ class MiniMindServer:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            # Contents are encoded as plain text: "<|im_start|>system" typed by a user must not open a turn.
+            prompt = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         rid = new_id("chatcmpl")
@@ -221,7 +278,10 @@ class MiniMindServer:
         req: CompletionRequest = parse_request(CompletionRequest, await self._read_body(request))
         self._check_model(req.model)
         if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], str)):
-            prompt = self.tokenizer.encode(req.prompt if isinstance(req.prompt, str) else req.prompt[0])
+            try:  # text, never special tokens (a token-id prompt can name those explicitly)
+                prompt = self.tokenizer.encode_plain(req.prompt if isinstance(req.prompt, str) else req.prompt[0])
+            except ValueError as e:
+                raise ApiError(400, str(e), param="prompt") from None
         else:
             prompt = list(req.prompt)
             if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt):
@@ -276,12 +336,15 @@ class MiniMindServer:
         params = req.sampling_params(min(self.cfg.max_tokens, room), self.defaults)
         try:
             return self.engine.stream(prompt, params, stop=req.stop_strings(), ignore_eos=req.ignore_eos)
+        except ContextLengthExceeded as e:
+            raise ApiError(400, str(e), code="context_length_exceeded") from None
         except ValueError as e:
-            code = "context_length_exceeded" if "context length" in str(e) else None
-            raise ApiError(400, str(e), code=code) from None
-        except RuntimeError as e:  # EngineBusy, or an engine process that died (the health check restarts us)
-            raise ApiError(503, f"the server cannot take this request now ({e}); retry later",
-                           type="server_error") from None
+            raise ApiError(400, str(e)) from None
+        except EngineBusy as e:
+            raise ApiError(503, f"the server is busy ({e}); retry later", type="server_error",
+                           code="server_busy", retry_after=RETRY_BUSY_S) from None
+        except EngineUnavailable as e:  # the health check replaces this replica
+            raise _unavailable(e) from None
 
     async def _chat_events(self, rid: str, req: ChatCompletionRequest, stream):
         name = self.cfg.name

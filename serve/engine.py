@@ -71,6 +71,14 @@ class EngineBusy(RuntimeError):
     """The waiting queue is full; the caller should retry later (HTTP 503)."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine is shut down or its process has died; a new replica takes over (HTTP 503)."""
+
+
+class ContextLengthExceeded(ValueError):
+    """Prompt plus max_tokens do not fit the context (HTTP 400, code context_length_exceeded)."""
+
+
 def check_budget(prompt_ids: Sequence[int], max_new_tokens: int, context_len: int) -> None:
     """Raise ValueError when a request cannot run: the server turns it into a 400 before streaming."""
     if not prompt_ids:
@@ -78,7 +86,7 @@ def check_budget(prompt_ids: Sequence[int], max_new_tokens: int, context_len: in
     if max_new_tokens < 1:
         raise ValueError("max_tokens must be at least 1")
     if len(prompt_ids) + max_new_tokens > context_len:
-        raise ValueError(f"this model's maximum context length is {context_len} tokens; the request needs "
+        raise ContextLengthExceeded(f"this model's maximum context length is {context_len} tokens; the request needs "
                          f"{len(prompt_ids) + max_new_tokens} ({len(prompt_ids)} in the prompt, {max_new_tokens} "
                          f"for the completion)")
 
@@ -151,7 +159,7 @@ class Engine:
         req = Request(list(prompt_ids), params, [s for s in stop if s], stop_ids, self.tokenizer, emit, self.device)
         with self._cv:
             if self._stopping:
-                raise RuntimeError("the engine is shut down")
+                raise EngineUnavailable("the engine is shut down")
             if len(self._waiting) >= self.config.max_waiting:
                 raise EngineBusy(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(req)

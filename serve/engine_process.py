@@ -23,9 +23,7 @@ from typing import AsyncIterator, Sequence
 
 from cluster.runtime import pythonpath_with_repo
 from minimind.generate import SamplingParams
-from serve.engine import Delta, EngineBusy, EngineConfig, check_budget
-
-
+from serve.engine import Delta, EngineBusy, EngineConfig, EngineUnavailable, check_budget
 
 
 def _child(conn: Connection):
@@ -124,13 +122,22 @@ class EngineProcess:
     def alive(self) -> bool:
         return self._proc.poll() is None and self._reader.is_alive()
 
+    def check_alive(self):
+        """Raise EngineUnavailable, with the reason, when the engine process is gone."""
+        if not self.alive:
+            raise self._unavailable()
+
+    def _unavailable(self) -> EngineUnavailable:
+        code = self._proc.poll()
+        why = f"exited with code {code}" if code is not None else "stopped answering"
+        return EngineUnavailable(f"the engine process {why}; this replica is being replaced")
+
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                ignore_eos: bool = False) -> AsyncIterator[Delta]:
         """Check and submit now (errors raise here), then iterate Deltas; merged when several piled up."""
         params.validate()
         check_budget(prompt_ids, params.max_new_tokens, self.context_len)
-        if not self.alive:
-            raise RuntimeError("the engine process is not running")
+        self.check_alive()
         if len(self._inboxes) >= self.capacity:
             raise EngineBusy(f"{len(self._inboxes)} requests are in the engine")
         rid = next(self._ids)
@@ -140,6 +147,7 @@ class EngineProcess:
         return self._drain(rid, inbox)
 
     async def stats(self) -> dict:
+        self.check_alive()
         rid = next(self._ids)
         inbox: asyncio.Queue = asyncio.Queue(maxsize=1)
         self._inboxes[rid] = (asyncio.get_running_loop(), inbox)
@@ -149,7 +157,7 @@ class EngineProcess:
         finally:
             self._inboxes.pop(rid, None)
         if isinstance(stats, Delta):  # the error Delta of a dead engine process
-            raise RuntimeError(stats.error)
+            raise self._unavailable()
         return stats
 
     def shutdown(self, timeout: float = 10):
@@ -200,8 +208,8 @@ class EngineProcess:
         try:
             with self._send_lock:
                 self._conn.send(msg)
-        except OSError as e:  # the engine process is gone (the reader thread fails the open streams)
-            raise RuntimeError(f"the engine process is not running ({e})") from None
+        except OSError:  # the engine process is gone (the reader thread fails the open streams)
+            raise self._unavailable() from None
 
     def _read(self):
         """Reader thread: route each message's Deltas to their requests' event loops, one wake-up per loop."""

@@ -2,7 +2,8 @@
 
 Requests are validated strictly (a string where a number belongs is a 400, not silently coerced) and every
 failure becomes OpenAI's error body `{"error": {"message", "type", "param", "code"}}`. Fields we cannot honour
-(n > 1, logprobs, frequency_penalty, echo, ...) are refused rather than ignored. Extensions that vLLM also
+(n > 1, logprobs, top_logprobs, logit_bias, frequency_penalty, tools, tool_choice, response_format, echo, ...)
+are refused rather than ignored. Extensions that vLLM also
 accepts: top_k, repetition_penalty, ignore_eos.
 
 Reference: https://platform.openai.com/docs/api-reference/chat and /completions.
@@ -20,12 +21,19 @@ from minimind.generate import SamplingParams
 
 
 class ApiError(Exception):
-    """An error the client caused (or a busy server): becomes an HTTP status and OpenAI's error body."""
+    """An error the client caused (or a busy server): becomes an HTTP status and OpenAI's error body.
+
+    retry_after: seconds a client should wait before trying again, sent as `Retry-After`; every 503 has one.
+    """
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after if retry_after is not None or status != 503 else 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -64,7 +72,7 @@ class _Sampling(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 64)  # what torch.Generator.manual_seed accepts
     repetition_penalty: float = Field(1.0, gt=0)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -73,8 +81,15 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    # Accepted by OpenAI's API and not implemented here: any value that would change the answer is refused.
+    logit_bias: dict | None = None
+    top_logprobs: int | None = None
 
     def check_supported(self):
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+        if self.top_logprobs is not None:
+            raise ApiError(400, "top_logprobs is not supported (no logprobs are returned)", param="top_logprobs")
         if self.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
         if self.frequency_penalty:
@@ -102,6 +117,24 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None        # the older form of tools
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+
+    def check_supported(self):
+        super().check_supported()
+        # An empty tool list, "none"/"auto" without tools and a text format are what no field at all means.
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ApiError(400, f"{name} are not supported: this model cannot call tools", param=name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                raise ApiError(400, f"{name} is not supported: this model cannot call tools", param=name)
+        if self.response_format not in (None, {"type": "text"}):
+            raise ApiError(400, "response_format is not supported; only {\"type\": \"text\"} is",
+                           param="response_format")
 
 
 class CompletionRequest(_Sampling):

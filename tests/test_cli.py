@@ -29,6 +29,10 @@ def test_stage_help_lists_shared_and_own_flags(stage):
     assert proc.returncode == 0, proc.stderr
     for flag in SHARED_FLAGS + STAGES[stage]:
         assert flag in proc.stdout, (stage, flag)
+    for flag in ("--pack", "--text-field"):  # pretraining's packing flags are not the chat stages'
+        assert (flag in proc.stdout) == (stage == "pretrain"), (stage, flag)
+    for flag in ("--val-data", "--val-fraction", "--eval-interval", "--keep-best-by", "--logger"):
+        assert flag in proc.stdout, (stage, flag)
 
 
 def test_tokenizer_and_prepare_help():

@@ -22,7 +22,7 @@ from minimind.generate import SamplingParams, generate
 from minimind.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, lora_state_dict
 from minimind.model import MiniMind
 from minimind.tokenizer import Tokenizer
-from serve.engine import EngineBusy, EngineConfig, load_engine
+from serve.engine import EngineBusy, EngineConfig, EngineUnavailable, load_engine
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ThinkSplitter, parse_request
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,6 +220,18 @@ def test_think_splitter_streams_any_split(mode, text, want):
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}', "stop"),
+    # torch.Generator takes [-2**63, 2**64): anything else must be a 400 here, not a 500 from the engine
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 1180591620717411303424}', "seed"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}', "seed"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": -9223372036854775809}', "seed"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', "tools"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}', "tool_choice"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "function_call": "auto2"}', "function_call"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}',
+     "response_format"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 0}', "top_logprobs"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true}', "logprobs"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}', "logit_bias"),
 ])
 def test_bad_chat_requests_name_the_field(body, param):
     with pytest.raises(ApiError) as e:
@@ -295,8 +307,13 @@ def test_engine_process_streams_cancels_and_reports_its_death(tiny_ckpt, engine)
         try:
             got = [d async for d in proc.stream(prompt, SamplingParams.greedy(50), ignore_eos=True)]
             assert got[-1].finish_reason == "error"
-        except RuntimeError:
+        except EngineUnavailable:
             pass
+        # The kind of failure is the exception's type (the server answers 503 for it), with the reason.
+        with pytest.raises(EngineUnavailable, match="exited with code -9"):
+            await proc.stats()
+        with pytest.raises(EngineUnavailable):
+            proc.stream(prompt, SamplingParams.greedy(5))
 
     try:
         asyncio.run(scenario())
