@@ -3,9 +3,12 @@ an embedded local cluster on this machine that listens on loopback only."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR: the module path of a function every worker runs
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 
 
 def loopback_env() -> None:
@@ -13,6 +16,19 @@ def loopback_env() -> None:
     # machine's external address and 0.0.0.0). Train, DeepSpeed-on-Ray and Serve still work.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():  # a Ray worker's own setup is done: leave it alone
+        # Two listeners ignore the switch above (a Serve replica's gRPC server, torch's rendezvous store);
+        # cluster.loopback binds them to the node address in every worker. Ray reads this variable at the
+        # start of each worker (what ray.init(runtime_env={"worker_process_setup_hook": ...}) sets); as a
+        # variable it also reaches the workers of a cluster that `serve run` starts with its own ray.init.
+        os.environ.setdefault(SETUP_HOOK_ENV, "cluster.loopback.bind_node_address")
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:
+            # `serve run` imports ray before serve.app calls this: the switch was already read (without it
+            # that cluster listened on the external address and on [::]). Give Ray the value it would read.
+            switch = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower()
+            constants.ENABLE_RAY_CLUSTER = switch in ("1", "true")
     # Workers must import this project's packages, or a Train controller errors while its workers keep the
     # placement group and every later job waits forever.
     os.environ["PYTHONPATH"] = pythonpath_with_repo(os.environ.get("PYTHONPATH", ""))

@@ -58,7 +58,9 @@ class Plain:
                        directory / "optimizer.pt")
 
     def load_state(self, directory: Path):
-        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        from .safe_load import load_weights_only
+        # A file that needs unpickling is refused with a ValueError naming it (a configuration error: not retried)
+        state = load_weights_only(directory / "optimizer.pt", map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -112,7 +114,14 @@ class DeepSpeed:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
 
     def load_state(self, directory: Path):
-        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
+        from .safe_load import weights_only_checkpoints
+        state = directory / "deepspeed" / "state"
+        # Without these DeepSpeed asserts (no model states) or, missing optimizer shards, only logs a warning
+        # and carries on with a fresh optimizer.
+        if not (any(state.glob("*model_states.pt")) and any(state.glob("*optim_states.pt"))):
+            raise ValueError(f"{state}: no DeepSpeed checkpoint to resume from (model and optimizer states)")
+        with weights_only_checkpoints(self.engine):  # DeepSpeed's own load would unpickle code in the files
+            self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
 
     def full_state_dict(self):
         if self.zero_stage == 3:

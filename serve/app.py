@@ -11,7 +11,8 @@ authorises and formats.
 
 Safe by default: Serve binds 127.0.0.1; when the environment variable named by `api_key_env` (default
 MINIMIND_API_KEY) is set where the app is built, /v1 routes, /openapi.json and the engine statistics in /health
-require `Authorization: Bearer <key>`; web pages on other sites cannot drive the API through a browser
+require `Authorization: Bearer <key>`, and so does Ray Serve's own `/-/routes` on a cluster started here (its
+`/-/healthz` stays open); web pages on other sites cannot drive the API through a browser
 (serve/guard.py: POSTs must be application/json, the Host header must name this server, CORS only for
 `cors_origins`); bodies and max_tokens are bounded; a prompt that does not fit the context is a 400; message
 contents never become special tokens; every client error is an OpenAI-style JSON error with a 4xx status and the
@@ -35,10 +36,12 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from cluster.runtime import REPO_ROOT, loopback_env
+from serve.guard import arm_proxy
 
 # `serve run` imports this module before it starts Ray: keep a cluster it starts on loopback and able to
 # import this project in its workers. Ray reads these variables when it is first imported, hence this order.
 loopback_env()
+arm_proxy()  # the proxy's own /-/routes behind the key too (serve/guard.py); build_app names the key's variable
 
 import pydantic  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
@@ -407,6 +410,9 @@ def build_app(args: dict) -> serve.Application:
     """The Serve application builder: `serve run serve.app:app model=DIR` calls it with the key=value args."""
     cfg = args if isinstance(args, ServeConfig) else parse_args(args)
     api_key = os.environ.get(cfg.api_key_env) or None
+    import ray
+    if not ray.is_initialized():  # `serve run`: the cluster it starts next gives its proxy this environment
+        arm_proxy(cfg.api_key_env)
     options = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:
         options["num_gpus"] = cfg.num_gpus
@@ -426,6 +432,7 @@ def main(argv=None):
     from cluster.runtime import init_ray
 
     external = bool(os.environ.get("RAY_ADDRESS"))
+    arm_proxy(cfg.api_key_env)  # reaches the proxy of the cluster started next, not one already running
     ray = init_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     base = ServeConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeConfig)})

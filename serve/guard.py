@@ -132,3 +132,52 @@ async def _respond(send, status: int, body: bytes, headers: list[tuple[bytes, by
     await send({"type": "http.response.start", "status": status,
                 "headers": headers + [(b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- Ray Serve's own HTTP proxy
+# The proxy answers `/-/routes` (which application holds which route prefix) and `/-/healthz` itself, before any
+# application sees the request, so the replica's key check cannot cover them. Ray calls the function named by
+# RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH in each proxy process and wraps its ASGI app in the middlewares it
+# returns. The proxy is a worker of the cluster: it sees the environment the cluster was started with, which is
+# why `arm_proxy` runs before Ray starts (serve/app.py's import, as `serve run` does it, and its main()).
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_KEY_ENV = "MINIMIND_PROXY_API_KEY_ENV"  # names the variable that holds the key, as api_key_env does
+OPEN_PROXY_PATHS = ("/-/healthz",)  # a load balancer's liveness probe: says "success" and nothing more
+
+
+def arm_proxy(api_key_env: str = "MINIMIND_API_KEY") -> None:
+    """Have every Serve proxy the cluster starts from here on require the API key for its own endpoints."""
+    import os
+    os.environ.setdefault(PROXY_CALLBACK_ENV, "serve.guard.proxy_middlewares")
+    os.environ[PROXY_KEY_ENV] = api_key_env
+
+
+def proxy_middlewares() -> list:
+    from starlette.middleware import Middleware
+    return [Middleware(ProxyEndpointGuard)]
+
+
+class ProxyEndpointGuard:
+    """Pure ASGI middleware in the proxy: with a key set, `/-/` paths other than OPEN_PROXY_PATHS need it."""
+
+    def __init__(self, app):
+        import os
+        self.app = app
+        key = os.environ.get(os.environ.get(PROXY_KEY_ENV, "MINIMIND_API_KEY"), "")
+        self.key = key.encode() or None
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if (self.key is None or scope["type"] != "http" or not path.startswith("/-/")
+                or path.rstrip("/") in OPEN_PROXY_PATHS):
+            return await self.app(scope, receive, send)
+        import hmac
+        auth = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        body = json.dumps({"error": {"message": "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": "invalid_api_key"}}).encode()
+        await _respond(send, 401, body, [(b"content-type", b"application/json"),
+                                         (b"www-authenticate", b"Bearer")])

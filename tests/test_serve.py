@@ -370,7 +370,9 @@ def test_the_key_guards_schema_and_engine_statistics(server):
         for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
             assert http.get(path).status_code == 404, path
         # Ray Serve's proxy answers these two itself, before any application; they tell only that it is up and
-        # which application holds which route prefix. Fails if Ray starts saying more there.
+        # which application holds which route prefix. Fails if Ray starts saying more there. This test cluster
+        # was started without a key in its environment, so its proxy keeps /-/routes open; a cluster started
+        # with MINIMIND_API_KEY set closes it (tests/test_network.py, the `serve run` test).
         assert http.get("/-/healthz").text == "success"
         assert http.get("/-/routes").json() == {"/": "minimind-test"}
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
 import sys
 import time
 import typing
@@ -27,7 +29,9 @@ sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path
 
 from minimind.configcli import coerce, read_config_file  # noqa: E402
 from tune import experiments, space as spaces  # noqa: E402
-from tune.trial import TRIAL_KEY, absolute_paths, load_stage, make_trainable, tokens_per_step, trial_config  # noqa: E402
+from tune.placement import DATA_CPUS, START_TIMEOUT_ENV, StopWhenStuck, release_orphans, start_keeper, trials_that_fit  # noqa: E402
+from tune.trial import (TRIAL_KEY, absolute_paths, load_stage, make_trainable, tokens_per_step, trial_config,  # noqa: E402
+                        workers)
 
 SWEEP_FILE = "sweep.json"   # what a resumed sweep needs to rebuild its trainable
 CPU_BUDGET_STEPS = 30       # a scaled-down experiment's token budget, in steps of its reference trial
@@ -67,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "max_steps x effective batch)")
     how.add_argument("--reduction-factor", type=float, default=2, help="ASHA: keep the best 1/RF at each rung")
     res = p.add_argument_group("resources and outputs")
-    res.add_argument("--max-concurrent", type=int, default=1,
-                     help="trials at once (each is a TorchTrainer with its own workers)")
+    res.add_argument("--max-concurrent", type=int, default=0,
+                     help="trials at once (each is a TorchTrainer with its own workers); 0: as many as the "
+                          "cluster's CPUs hold, keeping one for Ray Data")
     res.add_argument("--trial-cpus", type=float, default=0.1,
                      help="CPU of the trial's driver function; the Train workers reserve their own")
     res.add_argument("--gpus-per-trial", type=float, default=0.0,
@@ -79,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--wandb", action="store_true", help="log every trial to wandb (WANDB_MODE=offline works)")
     res.add_argument("--wandb-project", default="minimind-ray-tune")
     res.add_argument("--dashboard", action="store_true",
-                     help="start the local Ray cluster with its dashboard (http://127.0.0.1:8265)")
+                     help="start the local Ray cluster with its dashboard (http://127.0.0.1:8265, the next free "
+                          "port if taken)")
+    res.add_argument("--linger", type=float, default=0, metavar="SECONDS",
+                     help="with --dashboard: keep the cluster and its dashboard up this long after the sweep "
+                          "(they end with this process; Ctrl-C ends it sooner)")
     return p
 
 
@@ -117,41 +126,65 @@ def check_values(base, space: dict, named_trials: dict) -> None:
         base.replace(**params).validate()
 
 
+def candidates(base, space, named_trials) -> list:
+    """Configs covering every listed value of the fields that size a trial (grids and choices)."""
+    out = [base.replace(**t) for t in named_trials.values()] or [base]
+    for name in ("batch_size", "accumulation_steps", "max_seq_len", "num_workers", "cpus_per_worker",
+                 "eval_interval"):
+        if name in space and space[name].kind in ("grid", "choice", "const"):
+            out = [c.replace(**{name: v}) for c in out for v in space[name].values]
+    return out
+
+
 def asha_limits(args, base, space, named_trials, budget) -> tuple[int, int]:
+    configs = candidates(base, space, named_trials)
     max_t = args.max_tokens or budget
     if not max_t and base.max_steps:
         # The largest effective batch any listed value gives, times the step limit.
-        candidates = [base.replace(**t) for t in named_trials.values()] or [base]
-        for name in ("batch_size", "accumulation_steps", "max_seq_len", "num_workers"):
-            if name in space and space[name].kind in ("grid", "choice", "const"):
-                candidates = [c.replace(**{name: v}) for c in candidates for v in space[name].values]
-        max_t = base.max_steps * max(tokens_per_step(c) for c in candidates)
+        max_t = base.max_steps * max(tokens_per_step(c) for c in configs)
     if not max_t:
         raise ValueError("--scheduler asha needs --max-tokens, --token-budget or a base max_steps")
-    return max_t, args.grace_tokens or max(1, max_t // 8)
+    grace = args.grace_tokens or max(1, max_t // 8)
+    if base.validates:
+        # ASHA ranks on val_loss, which only evaluation records carry: no trial may reach a rung unscored.
+        if any(not c.eval_interval for c in configs):
+            raise ValueError("--scheduler asha with validation ranks trials on val_loss: set eval_interval "
+                             "(--set eval_interval=N) so trials are scored before they end")
+        first_eval = max(c.eval_interval * tokens_per_step(c) for c in configs)
+        grace = args.grace_tokens or max(grace, first_eval)
+    return max_t, grace
 
 
 def init_cluster(dashboard: bool):
     from cluster.runtime import init_ray
     ray = init_ray(include_dashboard=dashboard)
     if dashboard:
-        print(f"Ray dashboard: {ray.get_runtime_context().dashboard_url or 'http://127.0.0.1:8265'}", flush=True)
+        from ray._private.worker import get_dashboard_url
+        print(f"Ray dashboard: http://{get_dashboard_url()}", flush=True)
     return ray
+
+
+def linger(seconds: float) -> None:
+    import signal
+    print(f"the dashboard stays up {seconds:g} s (Ctrl-C ends it)", flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Tune's own handler outlives the sweep
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        pass
 
 
 def callbacks(args) -> list:
     # CSV, JSON and TensorBoard (tensorboardX) loggers are Tune's defaults, added to every trial's directory.
+    from tune.placement import ReleaseOrphans
     if not args.wandb:
-        return []
+        return [ReleaseOrphans()]
     from ray.air.integrations.wandb import WandbLoggerCallback
-    return [WandbLoggerCallback(project=args.wandb_project)]
+    return [ReleaseOrphans(), WandbLoggerCallback(project=args.wandb_project)]
 
 
-def new_sweep(args, sweep_dir: Path):
-    """Validate everything, write sweep.json and return (Tuner, sweep record)."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
+def new_sweep(args, sweep_dir: Path) -> dict:
+    """Validate everything, write sweep.json and return the sweep's record."""
     named, defaults, budget = {}, {}, args.token_budget or 0
     stage_name = args.stage
     if args.experiment:
@@ -164,36 +197,72 @@ def new_sweep(args, sweep_dir: Path):
         raise ValueError("nothing to sweep: give --param, --space or --experiment")
     base = base_config(stage.config_cls, defaults, args.config, args.set)
     check_values(base, space, named)
+    if args.max_concurrent < 0:
+        raise ValueError("--max-concurrent must be >= 0 (0: as many as the cluster holds)")
     if args.experiment and not budget:
         steps = args.budget_steps if args.budget_steps is not None else (CPU_BUDGET_STEPS if args.scale < 1
                                                                           else exp.budget_steps)
         budget = steps * tokens_per_step(base.replace(**named[exp.budget_ref]))
     if args.gpus_per_trial:  # fail now if the launcher cannot share GPUs
-        trial_config(base, {}, sweep_dir, sweep_dir, "check", budget, args.gpus_per_trial)
-
-    param_space = spaces.to_tune(space, args.search)
-    if named:
-        param_space[TRIAL_KEY] = tune.grid_search(list(named))
-    if args.scheduler == "asha":
-        max_t, grace = asha_limits(args, base, space, named, budget)
-        scheduler = ASHAScheduler(time_attr="tokens", max_t=max_t, grace_period=grace,
-                                  reduction_factor=args.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+        trial_config(base, {}, sweep_dir, "check", budget, args.gpus_per_trial)
+    max_t, grace = asha_limits(args, base, space, named, budget) if args.scheduler == "asha" else (0, 0)
+    configs = candidates(base, space, named)
     record = {"stage": stage_name, "base": dataclasses.asdict(base), "named_trials": named,
               "token_budget": budget, "gpus_per_trial": args.gpus_per_trial, "trial_cpus": args.trial_cpus,
-              "scheduler": args.scheduler, "search": args.search,
+              "scheduler": args.scheduler, "search": args.search, "num_samples": args.num_samples,
+              "max_tokens": max_t, "grace_tokens": grace, "reduction_factor": args.reduction_factor,
+              "max_concurrent": args.max_concurrent, "metric": metric_of(base),
+              # What one trial reserves: its function's CPU plus its Train workers' (the largest listed).
+              "cpus_per_trial": args.trial_cpus + max(workers(c) * c.cpus_per_worker for c in configs),
               "space": {k: dataclasses.asdict(v) for k, v in space.items()}}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def metric_of(base) -> str:
+    """What trials are ranked and stopped on: held-out loss when the stage validates, else training loss."""
+    return "val_loss" if base.validates else "loss"
+
+
+def concurrency(record, cluster: dict) -> int:
+    """Trials at once: what was asked, checked against what the cluster holds (Train waits forever for
+    workers it cannot place, and Ray Data deadlocks without a free CPU)."""
+    per_trial, gpus = record["cpus_per_trial"], record["gpus_per_trial"]
+    fits = trials_that_fit(cluster, per_trial, gpus)
+    what = (f"each trial reserves {per_trial:g} CPUs ({record['trial_cpus']:g} for its function, the rest for its "
+            f"Train workers) and the cluster has {cluster.get('CPU', 0):g}, {DATA_CPUS:g} kept for Ray Data")
+    if fits < 1:
+        raise ValueError(f"no trial fits: {what}; lower --set cpus_per_worker=... or num_workers=...")
+    asked = record["max_concurrent"]
+    if asked > fits:
+        raise ValueError(f"--max-concurrent {asked}: {what}, so at most {fits} trial(s) fit at once")
+    return asked or fits
+
+
+def build_tuner(record, sweep_dir: Path, args, cluster: dict):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    if record["scheduler"] == "asha":
+        scheduler = ASHAScheduler(time_attr="tokens", max_t=record["max_tokens"],
+                                  grace_period=record["grace_tokens"],
+                                  reduction_factor=record["reduction_factor"])
+    else:
+        scheduler = FIFOScheduler()
+    param_space = spaces.to_tune({k: spaces.Param(v["kind"], tuple(v["values"])) for k, v in record["space"].items()},
+                                 record["search"])
+    if record["named_trials"]:
+        param_space[TRIAL_KEY] = tune.grid_search(list(record["named_trials"]))
     trainable = tune.with_resources(trainable_of(record, sweep_dir), trial_resources(record))
-    tuner = tune.Tuner(
+    max_concurrent = concurrency(record, cluster)
+    print(f"sweep: up to {max_concurrent} trial(s) at once, {record['cpus_per_trial']:g} CPUs each; ranked on "
+          f"{record['metric']}", flush=True)
+    return tune.Tuner(
         trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler, num_samples=args.num_samples,
-                                    max_concurrent_trials=args.max_concurrent),
+        tune_config=tune.TuneConfig(metric=record["metric"], mode="min", scheduler=scheduler,
+                                    num_samples=record["num_samples"], max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
-                                  callbacks=callbacks(args)))
-    return tuner, record
+                                  callbacks=callbacks(args), stop=StopWhenStuck(keeper_name(sweep_dir))))
 
 
 def trial_resources(record) -> dict:
@@ -208,7 +277,13 @@ def base_of(record):
 
 def trainable_of(record, sweep_dir: Path):
     return make_trainable(record["stage"], base_of(record), record["named_trials"], sweep_dir,
-                          record["token_budget"], record["gpus_per_trial"])
+                          record["token_budget"], record["gpus_per_trial"], keeper_name(sweep_dir),
+                          os.environ.get(START_TIMEOUT_ENV, ""))
+
+
+def keeper_name(sweep_dir: Path) -> str:
+    # The same across --resume: Tune restores its stopper from its own pickle, name included.
+    return "trial-starts-" + hashlib.sha1(str(sweep_dir).encode()).hexdigest()[:12]
 
 
 def restore_sweep(sweep_dir: Path):
@@ -219,6 +294,8 @@ def restore_sweep(sweep_dir: Path):
     trainable = tune.with_resources(trainable_of(record, sweep_dir), trial_resources(record))
     # Finished trials keep their results; unfinished and errored ones run again, their Train runs
     # resuming from their last checkpoints (the Train run is named after the trial).
+    # Tuner.restore unpickles the sweep's own tuner.pkl / experiment state (Ray has no other format for them):
+    # --resume only a sweep directory this user's own sweep wrote, never one handed over by someone else.
     return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True), record
 
 
@@ -227,15 +304,35 @@ def run_sweep(argv=None) -> Path:
     name = args.name or f"{args.experiment or args.stage}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = Path(args.storage_path).resolve() / name
     if args.resume:
-        tuner, record = restore_sweep(sweep_dir)
+        if not (sweep_dir / SWEEP_FILE).is_file():
+            raise ValueError(f"--resume: {sweep_dir} holds no sweep to resume")
     elif sweep_dir.exists():
         raise ValueError(f"{sweep_dir} exists: pass --resume to continue that sweep, or another --name")
     else:
-        tuner, record = new_sweep(args, sweep_dir)  # all validation happens here, before Ray starts
-    init_cluster(args.dashboard)
+        record = new_sweep(args, sweep_dir)  # all validation that needs no cluster happens here
+    ray = init_cluster(args.dashboard)
+    cluster = ray.cluster_resources()
+    keeper = start_keeper(keeper_name(sweep_dir))
+    if args.resume:
+        tuner, record = restore_sweep(sweep_dir)
+    else:
+        tuner = build_tuner(record, sweep_dir, args, cluster)
+    if record["metric"] == "val_loss":
+        # Only evaluation steps carry val_loss. Tune refuses results without the ranking metric unless told
+        # otherwise; ASHA skips them (see its on_trial_result), so it decides on measured values only, at
+        # the first evaluation at or past each rung, and Tune's curves keep every training-loss report.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     results = tuner.fit()
+    for _ in range(3):  # what trials stopped in the last steps left: their controllers die just after
+        release_orphans()
+        time.sleep(1)
+    stuck = ray.get(keeper.stuck.remote())
     from tune.report import write_report
     write_report(results, record, base_of(record), sweep_dir)
+    if stuck:
+        raise ValueError(StopWhenStuck.describe(stuck[0], cluster))
+    if args.dashboard and args.linger > 0:
+        linger(args.linger)
     return sweep_dir
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import importlib
 import math
+import os
 from pathlib import Path
 
 from stages.common import Stage
@@ -61,11 +62,18 @@ def tokens_per_step(cfg) -> int:
     return cfg.batch_size * cfg.accumulation_steps * workers(cfg) * cfg.max_seq_len
 
 
-def trial_config(base, params: dict, trial_dir: Path, train_storage: Path, trial_id: str,
-                 token_budget: int = 0, gpus_per_trial: float = 0.0):
+def trial_out(sweep_dir: Path, trial_id: str) -> Path:
+    """Where a trial's final model goes: in the sweep's storage, not Tune's local per-trial scratch directory
+    (under /tmp/ray, which Tune does not copy back). Its trainer_state.json says the trial ran to its end."""
+    return sweep_dir / "models" / trial_id
+
+
+def trial_config(base, params: dict, sweep_dir: Path, trial_id: str, token_budget: int = 0,
+                 gpus_per_trial: float = 0.0):
     """The full config one trial trains with. With a token budget, every trial sees the same number of
     tokens whatever its effective batch (max_steps is derived from it)."""
-    cfg = base.replace(**params, out=str(trial_dir / "out"), storage_path=str(train_storage), run_name=trial_id)
+    cfg = base.replace(**params, out=str(trial_out(sweep_dir, trial_id)), storage_path=str(sweep_dir / "train"),
+                       run_name=trial_id)
     if token_budget:
         cfg = cfg.replace(max_steps=max(1, math.ceil(token_budget / tokens_per_step(cfg))))
     if gpus_per_trial:
@@ -79,20 +87,28 @@ def trial_config(base, params: dict, trial_dir: Path, train_storage: Path, trial
 
 
 def make_trainable(stage_name: str, base, named_trials: dict[str, dict], sweep_dir: Path,
-                   token_budget: int = 0, gpus_per_trial: float = 0.0):
-    """The function Tune runs per trial. `base` must already have absolute paths."""
+                   token_budget: int = 0, gpus_per_trial: float = 0.0, keeper_name: str = "",
+                   start_timeout_s: str = ""):
+    """The function Tune runs per trial. `base` must already have absolute paths. `keeper_name` names the
+    sweep's TrialStarts actor (tune/placement.py), told of every start of the trial's workers;
+    `start_timeout_s`, the sweep driver's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, reaches the trial's
+    Train controller through this process (Train passes it on from the process that calls fit)."""
 
     def run_trial(config: dict) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from cluster.launcher import launch
-        ctx = tune.get_context()
+        from tune.placement import RecordStarts
+        trial_id = tune.get_context().get_trial_id()
+        if start_timeout_s:
+            os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = start_timeout_s
         # The Train run is named after the trial: a trial resumed by Tuner.restore picks up its own Train
         # run's last checkpoint instead of starting over.
-        cfg = trial_config(base, trial_params(config, named_trials), Path(ctx.get_trial_dir()),
-                           sweep_dir / "train", ctx.get_trial_id(), token_budget, gpus_per_trial)
-        launch(cfg, load_stage(stage_name), callbacks=[TuneReportCallback()])
+        cfg = trial_config(base, trial_params(config, named_trials), sweep_dir, trial_id, token_budget,
+                           gpus_per_trial)
+        callbacks = [TuneReportCallback()] + ([RecordStarts(keeper_name, trial_id)] if keeper_name else [])
+        launch(cfg, load_stage(stage_name), callbacks=callbacks)
 
     run_trial.__name__ = f"{stage_name}_trial"  # names the trials in Tune's output
     return run_trial
