@@ -184,10 +184,13 @@ def _unavailable(e: EngineUnavailable) -> ApiError:
 async def _collect(stream) -> tuple[str, str, dict]:
     """Run a request to the end: (text, finish_reason, usage)."""
     parts = []
-    async for d in stream:
-        if d.error:
-            raise ApiError(500, f"generation failed: {d.error}", type="server_error")
-        parts.append(d.text)
+    try:
+        async for d in stream:
+            if d.error:
+                raise ApiError(500, f"generation failed: {d.error}", type="server_error")
+            parts.append(d.text)
+    except EngineUnavailable as e:  # the engine process died mid-generation
+        raise _unavailable(e) from None
     return "".join(parts), d.finish_reason, usage(d.prompt_tokens, d.completion_tokens)
 
 
@@ -369,6 +372,8 @@ class MiniMindServer:
                     if req.include_usage():
                         yield sse(usage_chunk(rid, name, "chat.completion.chunk",
                                               usage(d.prompt_tokens, d.completion_tokens)))
+        except EngineUnavailable as e:  # the stream's status (200) is sent: the error event says 503 and why
+            yield sse(_unavailable(e).body())
         finally:
             await stream.aclose()  # a client that hung up cancels its request and frees the slot now
         yield SSE_DONE
@@ -385,6 +390,8 @@ class MiniMindServer:
                 if d.finish_reason and req.include_usage():
                     yield sse(usage_chunk(rid, name, "text_completion",
                                           usage(d.prompt_tokens, d.completion_tokens)))
+        except EngineUnavailable as e:
+            yield sse(_unavailable(e).body())
         finally:
             await stream.aclose()
         yield SSE_DONE

@@ -115,12 +115,13 @@ class EngineProcess:
         self._send_lock = threading.Lock()
         self._ids = itertools.count()
         self._inboxes: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._dead = False  # set by the reader when the pipe closes, before it fails the open requests
         self._reader = threading.Thread(target=self._read, name="minimind-engine-reader", daemon=True)
         self._reader.start()
 
     @property
     def alive(self) -> bool:
-        return self._proc.poll() is None and self._reader.is_alive()
+        return not self._dead and self._proc.poll() is None and self._reader.is_alive()
 
     def check_alive(self):
         """Raise EngineUnavailable, with the reason, when the engine process is gone."""
@@ -192,6 +193,9 @@ class EngineProcess:
                     except asyncio.TimeoutError:
                         break
                 last = loop.time()
+                if delta.error is not None and self._dead:
+                    # The process died under this request: the same typed error as a new request gets (503)
+                    raise self._unavailable()
                 yield delta
                 if delta.finish_reason is not None:
                     finished = True
@@ -228,6 +232,7 @@ class EngineProcess:
                 for loop, puts in by_loop.items():
                     _call_soon(loop, _put_all, puts)
         except (EOFError, OSError):  # the engine process died: fail whatever is still waiting
+            self._dead = True
             dead = Delta(finish_reason="error", error="the engine process exited")
             for loop, inbox in list(self._inboxes.values()):
                 _call_soon(loop, inbox.put_nowait, dead)
