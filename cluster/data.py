@@ -53,7 +53,7 @@ from minimind.formats import (FORMATS, SPLITS, Encoder, RecordError, columns_of,
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1          # bump when the row layout changes, so old caches are not reused
+CACHE_VERSION = 2          # bump when the row layout changes, so old caches are not reused (2: no double bos/eos)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 

@@ -276,6 +276,8 @@ def launch(cfg: TrainConfig, stage, callbacks=None) -> Path:
     from .data import steps_per_epoch, train_datasets
     from .loop import total_steps
 
+    from .publish import follow_latest
+    cfg = follow_latest(cfg)  # a run directory given as --resume/--init/...: the checkpoint `latest` names
     ray = init_ray()
     res = resolve(cfg, int(ray.cluster_resources().get("GPU", 0)))
     check_cluster(res, cfg, ray)

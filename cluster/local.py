@@ -81,6 +81,8 @@ def train_local(cfg: TrainConfig, stage, device: str = "auto") -> Path:
     """Train `stage` in this process; returns --out (the exported final checkpoint)."""
     from .launcher import check_resume, default_dirs, export_result, prepare_data, resolve_tokenizer
     from .loop import train
+    from .publish import follow_latest
+    cfg = follow_latest(cfg)  # a run directory given as --resume/--init/...: the checkpoint `latest` names
     tokenizer, source = resolve_tokenizer(cfg)
     print(f"tokenizer: {tokenizer.vocab_size} tokens, {source}", flush=True)
     stage.check(cfg, tokenizer)

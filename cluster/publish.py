@@ -116,6 +116,24 @@ def read_latest(run_dir) -> dict | None:
         return json.loads(f.read())
 
 
+# Flags that name a checkpoint, and what of a training checkpoint each one reads: its model directory, or all
+# of it (--resume). `teacher` and `reference` belong to the distillation and DPO configs.
+CHECKPOINT_INPUTS = {"init": "model", "teacher": "model", "reference": "model", "resume": ""}
+
+
+def follow_latest(cfg):
+    """`cfg` with each checkpoint flag that names a run directory (one holding `latest`) replaced by the
+    checkpoint that pointer names: never the newest directory, which may be one a crash left unfinished."""
+    changes = {}
+    for name, part in CHECKPOINT_INPUTS.items():
+        value = getattr(cfg, name, "")
+        if not value or (latest := read_latest(value)) is None:
+            continue
+        changes[name] = f"{latest['path']}/{part}" if part else latest["path"]
+        print(f"--{name} {value}: its latest checkpoint (step {latest['step']}), {changes[name]}", flush=True)
+    return cfg.replace(**changes) if changes else cfg
+
+
 def remove_torn_checkpoints(run_dir) -> list[str]:
     """After a run stopped for good (say, a full disk), delete its checkpoint directories that do not verify,
     so storage holds only whole checkpoints; `latest` already names the last good one. Returns the removed."""

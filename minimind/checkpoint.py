@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, PRESETS
 from .model import MiniMind
+from .tokenizer import default_file_mode
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -104,6 +105,9 @@ def save_checkpoint(model: MiniMind, out_dir, tokenizer=None, dtype: torch.dtype
             tokenizer.save(tmp)
         for name, obj in (extra_files or {}).items():
             _write_json(tmp / name, obj)
+        mode = default_file_mode()  # safetensors writes 0600; a shared volume needs what the umask allows
+        for f in tmp.iterdir():
+            f.chmod(mode)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -149,14 +149,22 @@ def pack_documents(docs: Sequence[Sequence[int]], row_len: int, sep_id: int, pad
 
 
 def pad_documents(docs: Sequence[Sequence[int]], row_len: int, bos_id: int, eos_id: int, pad_id: int) -> Rows:
-    """MiniMind's rows: `bos + text + eos`, the text truncated to fit, padded to `row_len`."""
+    """MiniMind's rows: `bos + text + eos`, the text truncated to fit, padded to `row_len`.
+
+    MiniMind2-era pretraining text already carries the markers (`<|im_start|>...<|im_end|>`, which are bos and
+    eos): a document that starts with bos or ends with eos does not get a second one."""
     ids = np.full((len(docs), row_len), pad_id, dtype=np.int32)
     mask = np.zeros((len(docs), row_len), dtype=np.float32)
     lengths = np.zeros(len(docs), dtype=np.int32)
     truncated = 0
     for i, doc in enumerate(docs):
-        truncated += len(doc) > row_len - 2
-        row = [bos_id, *doc[:row_len - 2], eos_id]
+        body = list(doc)
+        if body[:1] == [bos_id]:
+            body = body[1:]
+        if body[-1:] == [eos_id]:
+            body = body[:-1]
+        truncated += len(body) > row_len - 2
+        row = [bos_id, *body[:row_len - 2], eos_id]
         ids[i, :len(row)] = row
         mask[i, 1:len(row)] = 1.0
         lengths[i] = len(row)

@@ -89,8 +89,10 @@ def save_adapter(model: nn.Module, directory, config: dict) -> None:
     """Write `model`'s adapters and `config` (rank, alpha, targets, ...) as an adapter directory."""
     from safetensors.torch import save_file
 
+    from .tokenizer import default_file_mode
     directory = Path(directory)
     save_file(lora_state_dict(model), str(directory / ADAPTER_WEIGHTS))
+    (directory / ADAPTER_WEIGHTS).chmod(default_file_mode())  # safetensors writes 0600
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 

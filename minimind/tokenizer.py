@@ -85,10 +85,20 @@ def _compile_template(source: str) -> jinja2.Template:
 # ------------------------------------------------------------------------------------------------ file helpers
 
 
+def default_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process's umask (read, then put back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     # Write beside the target and rename over it, so a crash never leaves a half-written file behind.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600: give it the mode open() would, so a checkpoint on a shared volume stays
+        # readable by the group/others the user's umask allows.
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

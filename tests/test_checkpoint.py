@@ -35,7 +35,7 @@ def test_transformers_loads_dense_checkpoint_with_same_logits(tmp_path, preset, 
     ids = torch.tensor([tokenizer.encode("床前明月光，疑是地上霜。举头望明月，低头思故乡。")])
     with torch.no_grad():
         diff = (hf(ids).logits - model(ids).logits).abs().max().item()
-    assert diff < 1e-4
+    assert diff == 0.0, diff  # "identical logits": measured bit-identical in fp32 (tiny and small)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ck")
     assert hf_tok("你好 world", add_special_tokens=False)["input_ids"] == tokenizer.encode("你好 world")
 
@@ -232,3 +232,25 @@ def test_config_top_level_must_agree_with_minimind_block(tmp_path, field, value)
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=rf"config\.json: top-level {field} is missing"):
         load_config(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoint_files_follow_the_umask_not_0600(tmp_path, tokenizer, umask):
+    """A checkpoint on a cluster volume must be readable by whoever the user's umask lets read it."""
+    import os
+    from minimind.lora import apply_lora, save_adapter
+    old = os.umask(umask)
+    try:
+        save_checkpoint(_model(), tmp_path / "ck", tokenizer=tokenizer)
+        model = _model()
+        apply_lora(model, rank=2)
+        (tmp_path / "adapter").mkdir()
+        save_adapter(model, tmp_path / "adapter", {"rank": 2})
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "adapter").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ck").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask), modes
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -126,3 +126,31 @@ def test_full_disk_stops_at_once_and_leaves_no_torn_checkpoint(ray_cluster, tmp_
     assert leftovers == [], f"torn checkpoint directories left in storage: {leftovers}"
     assert not (tmp_path / "out").exists()
     assert elapsed < 120, f"{elapsed:.0f}s: the run was retried"
+
+
+def test_a_run_directory_stands_for_the_checkpoint_latest_names(tmp_path, capsys):
+    """--resume/--init/--reference given a run directory read its `latest` pointer, not the newest directory
+    (here the newest, step 6, was never published: a crash mid-checkpoint)."""
+    from cluster.publish import follow_latest, publish_latest
+    from stages.dpo import DPOConfig
+    run = tmp_path / "storage" / "pretrain-run"
+    for step in (3, 6):
+        ckpt = run / f"checkpoint_{step:06d}"
+        tiny_checkpoint(ckpt / "model")
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (ckpt / "metrics.jsonl").write_text(json.dumps({"step": step, "loss": 1.0}) + "\n")
+        torch.save({"optimizer": {}, "scheduler": {}}, ckpt / "optimizer.pt")
+    publish_latest(run, run / "checkpoint_000003")
+    good = run / "checkpoint_000003"
+    cfg = follow_latest(TrainConfig(init=str(run), resume=str(run)))
+    assert (cfg.init, cfg.resume) == (str(good / "model"), str(good))
+    assert "--resume" in capsys.readouterr().out
+    assert follow_latest(DPOConfig(reference=str(run))).reference == str(good / "model")
+    plain = TrainConfig(init=str(good / "model"))
+    assert follow_latest(plain) is plain  # a checkpoint directory is taken as it is
+    # End to end, without Ray: SFT from the run directory starts from the published weights.
+    out = tmp_path / "sft"
+    run_stage(SFT(), ["--init", str(run), "--no-ray", "--max-steps", "1", "--batch-size", "2",
+                      "--max-seq-len", "64", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    said = capsys.readouterr().out
+    assert f"--init {run}: its latest checkpoint (step 3)" in said, said

@@ -120,6 +120,28 @@ def test_padded_rows_are_minimind_style():
     assert rows.lengths.tolist() == [5, 8] and rows.truncated == 1
 
 
+def test_padded_rows_do_not_double_the_markers_the_text_has():
+    # bos=1, eos=2: a text that is already `<|im_start|>...<|im_end|>` keeps one of each, truncated or not.
+    rows = pad_documents([[1, 5, 6, 2], [1, 5, 6], [5, 6, 2], list(range(1, 12)) + [2]], row_len=6, bos_id=1, eos_id=2,
+                         pad_id=0)
+    assert rows.columns["input_ids"].tolist() == [[1, 5, 6, 2, 0, 0], [1, 5, 6, 2, 0, 0], [1, 5, 6, 2, 0, 0],
+                                                  [1, 2, 3, 4, 5, 2]]
+    assert rows.truncated == 1
+
+
+def test_unpacked_rows_of_the_real_pretrain_sample_have_one_marker_each(shared_data):
+    """The real MiniMind pretrain_hq lines wrap each text in <|im_start|>...<|im_end|>: no double markers."""
+    from minimind.tokenizer import Tokenizer
+    real = Tokenizer.from_dir(shared_data / "minimind")
+    lines = (shared_data / "minimind" / "pretrain_sample.jsonl").read_bytes().splitlines()
+    block = Encoder(real, "pretrain", max_seq_len=2048, pack=False).encode_block("pretrain_sample.jsonl", 1, lines)
+    ids = block.rows.columns["input_ids"]
+    assert len(ids) == 3 and block.rows.truncated == 0
+    for row, length in zip(ids.tolist(), block.rows.lengths.tolist()):
+        assert row[0] == real.bos_id and row[1] != real.bos_id, row[:3]
+        assert row[length - 1] == real.eos_id and row[length - 2] != real.eos_id, row[length - 3:length]
+
+
 def test_pretrain_encoder_rows(tok):
     enc = Encoder(tok, "pretrain", max_seq_len=8)
     texts = ["床前明月光", "疑是地上霜，举头望明月"]
@@ -144,6 +166,8 @@ def test_chat_mask_single_turn(tok):
 
 
 def test_chat_mask_multi_turn_with_system(tok):
+    """Hand-built row. The `\n` after each assistant <|im_end|> is not trained on (MiniMind's masks include it;
+    the README says so where it compares losses)."""
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                 {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": " 6\n"}]
