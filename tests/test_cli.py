@@ -1,5 +1,6 @@
 """The command-line surface: every stage's generated --help carries the shared flags the docs use, every
 shipped config file builds, and bad config files are clear errors."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,31 @@ CONFIG_CLASSES = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig
 
 @pytest.mark.parametrize("path", sorted((REPO / "stages" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_build(path):
+    import yaml
     cls = CONFIG_CLASSES[path.stem.split("_")[0]]
     cfg = parse_config(cls, ["--config", str(path)])
     assert cfg.max_seq_len in (512, 1024)
+    # Every value in the file reaches the parsed config...
+    values = {k.replace("-", "_"): tuple(v) if isinstance(v, list) else v
+              for k, v in yaml.safe_load(path.read_text(encoding="utf-8")).items()}
+    assert values, f"{path.name} sets nothing"
+    for name, value in values.items():
+        assert getattr(cfg, name) == value, (path.name, name, getattr(cfg, name), value)
+    # ...and overrides what lies under it: some files only spell out the class defaults, so layer each one
+    # over a base where every field it sets differs; an ignored file leaves the base's values and fails.
+    def other(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, (int, float)):
+            return value * 2 if value else 0.5
+        if isinstance(value, str):
+            return "tiny" if value != "tiny" else "small"
+        raise AssertionError(f"{path.name}: no differing value for {value!r}")
+    base = dataclasses.replace(cls(), **{name: other(value) for name, value in values.items()})
+    layered = parse_config(cls, ["--config", str(path)], base=base)
+    for name, value in values.items():
+        assert getattr(base, name) != value
+        assert getattr(layered, name) == value, (path.name, name, getattr(layered, name), value)
 
 
 def test_config_file_layers_and_errors(tmp_path):

@@ -56,7 +56,7 @@ def test_manifest_parses(name):
     docs = [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d is not None]
     assert docs, f"{name} is empty"
     if name == "runtime_env.yaml":
-        assert {"working_dir", "pip"} <= set(docs[0]) or "pip" in docs[0]
+        assert {"working_dir", "pip"} <= set(docs[0])
     if name.startswith("kuberay"):
         assert docs[0]["apiVersion"].startswith("ray.io/")
         assert docs[0]["kind"] == ("RayJob" if "rayjob" in name else "RayCluster")
@@ -144,8 +144,11 @@ def test_crash_mid_write_keeps_pointer_at_last_good_checkpoint(tiny_run, tmp_pat
 
     with pytest.raises(RuntimeError, match="killed"):
         commit(run_dir, "checkpoint_000001", crash_halfway)
-    for i, bad in enumerate([truncated_weights, missing_optimizer, torn_state], start=2):
-        with pytest.raises(ValueError):
+    refusals = [(truncated_weights, r"model/model\.safetensors: .*truncated"),
+                (missing_optimizer, r"incomplete: missing optimizer\.pt or deepspeed/"),
+                (torn_state, r"trainer_state\.json: not valid JSON")]
+    for i, (bad, message) in enumerate(refusals, start=2):
+        with pytest.raises(ValueError, match=message):
             commit(run_dir, f"checkpoint_00000{i}", bad)
         assert not (run_dir / f"checkpoint_00000{i}").exists()
     assert read_latest(run_dir) == {"path": str(first), "step": 5}
@@ -444,7 +447,8 @@ def test_job_survives_losing_a_worker_node(loopback_cluster, shared_data, tmp_pa
     before = [int(s) for s in re.findall(rf"\] (\d+)/{STEPS} ", logs[:restore_at])]
     assert before, "no progress lines before the restore"
     recomputed = max(before) - restored[0]
-    assert 0 <= recomputed <= max(before), (before, restored)
+    # cluster/README.md: what is lost is at most --save-interval steps.
+    assert 0 <= recomputed <= SAVE_EVERY, (before, restored)
     assert restored[0] > 0 and restored[0] % SAVE_EVERY == 0
     print(f"restored step {restored[0]}, last step logged before the kill {max(before)}; "
           f"recomputed steps: {recomputed}")
@@ -466,8 +470,9 @@ def test_job_survives_losing_a_worker_node(loopback_cluster, shared_data, tmp_pa
         saved.append(json.loads((c / "trainer_state.json").read_text())["step"])
     assert sorted(set(saved)) == list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)), saved
     assert not list(run_dir.rglob("*.tmp-*")), "temporary files left in storage"
-    # Once the launcher publishes (see cluster/publish.py), `latest` must name a complete checkpoint.
+    # The launcher publishes after every checkpoint (cluster/publish.py): `latest` must name a complete one.
     from cluster.publish import read_latest
-    if (latest := read_latest(run_dir)) is not None:
-        verify_checkpoint(latest["path"])
-        assert latest["step"] == STEPS
+    latest = read_latest(run_dir)
+    assert latest is not None, "the launcher never published a `latest` pointer"
+    verify_checkpoint(latest["path"])
+    assert latest["step"] == STEPS

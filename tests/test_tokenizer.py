@@ -267,13 +267,13 @@ def test_load_errors_name_the_path(tmp_path, saved_dir):
 
 
 def test_bad_chat_and_token_inputs(trained):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="messages must be a non-empty list"):
         trained.apply_chat_template([])
     with pytest.raises(ValueError, match="role"):
         trained.apply_chat_template([{"content": "no role"}])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"token '<\|not_a_token\|>' is not in the vocabulary"):
         trained.token_to_id("<|not_a_token|>")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="encode expects a str, got bytes"):
         trained.encode(b"bytes")
 
 

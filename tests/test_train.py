@@ -124,8 +124,38 @@ def test_distill_from_itself_has_zero_kl(pretrained, tmp_path, shared_data):
 def test_reasoning_tag_weights_reach_the_loss(pretrained, tmp_path, shared_data):
     cfg = ReasonConfig(**common(tmp_path, shared_data, init=str(pretrained), max_steps=4, lr=2e-3,
                                 max_seq_len=128, batch_size=4))
-    log = [json.loads(line) for line in (launch(cfg, Reason()) / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["tag_tokens"] > 0 for r in log)
+    out = launch(cfg, Reason())
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == cfg.max_steps
+    assert all(r["tag_tokens"] > 0 for r in log)  # tagged targets reached every step's batch
+
+    # ...and their weight reaches the loss: the stage's loss on one batch of the same data, with the tag
+    # weights and with every trained token at weight 1, differs by (TAG_WEIGHT - 1) x the tags' own loss.
+    import torch.nn.functional as F
+
+    from minimind.formats import TAG_WEIGHT, Encoder
+    from minimind.tokenizer import Tokenizer
+    data = Path(cfg.data[0])
+    raws = [r for r in data.read_bytes().splitlines() if r.strip()][: cfg.batch_size]
+    encoder = Encoder(Tokenizer.from_dir(cfg.tokenizer), "reason", cfg.max_seq_len)
+    rows = encoder.encode_block(str(data), 1, raws).rows
+    tagged = {k: torch.from_numpy(v) for k, v in rows.columns.items()}
+    mask = tagged["loss_mask"][:, 1:].double()
+    tags = mask > 1
+    assert tags.any() and set(mask.unique().tolist()) == {0.0, 1.0, TAG_WEIGHT}
+    plain = {**tagged, "loss_mask": (tagged["loss_mask"] > 0).float()}
+    model = load_model(out, dtype=torch.float64).eval()
+    stage = Reason()
+    with torch.no_grad():
+        weighted, unit = stage.loss(model, tagged).total, stage.loss(model, plain).total
+        ids = tagged["input_ids"].long()
+        ce = F.cross_entropy(model(ids[:, :-1]).logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    n_tags = tags.sum().item()
+    assert stage.weight(tagged).item() - stage.weight(plain).item() == pytest.approx((TAG_WEIGHT - 1) * n_tags)
+    # The stage's loss is float32 (minimind.losses), the reference float64.
+    assert weighted.item() == pytest.approx((mask * ce).sum().item(), rel=1e-6)
+    assert weighted.item() > unit.item()
+    assert weighted.item() - unit.item() == pytest.approx((TAG_WEIGHT - 1) * ce[tags].sum().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("change,message", [
