@@ -227,7 +227,8 @@ class Engine:
             return {**self.stats, "batch_sizes": dict(self.stats["batch_sizes"]),
                     "finish_reasons": dict(self.stats["finish_reasons"]), "active": len(self._active),
                     "waiting": len(self._waiting), "max_batch": self.config.max_batch,
-                    "context_len": self.context_len, "kv_cache": self.config.kv_cache}
+                    "context_len": self.context_len, "kv_cache": self.config.kv_cache,
+                    "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch.")}
 
     def shutdown(self, timeout: float = 10.0):
         with self._cv:

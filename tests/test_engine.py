@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minimind.checkpoint import save_checkpoint
+from minimind.checkpoint import load_checkpoint, save_checkpoint
 from minimind.config import PRESETS
 from minimind.generate import SamplingParams, generate
 from minimind.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, lora_state_dict
@@ -321,3 +321,33 @@ def test_engine_process_streams_cancels_and_reports_its_death(tiny_ckpt, engine)
         assert not proc.alive
     finally:
         proc.shutdown()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("dtype, slack", [("float32", 1e-4), ("bfloat16", 0.1)])
+def test_the_served_dtypes_decode_greedily_in_that_dtype(tiny_ckpt, engine, dtype, slack):
+    """What a replica runs (the engine process) in the shipped default float32 and in bfloat16, two requests
+    batched: it holds the model in that dtype, and every streamed token is the greedy choice of that model
+    given what came before. Batched and one-row matmuls may round differently (module docstring), so a token
+    counts as greedy when its logit is within `slack` of the top one (bfloat16 keeps ~3 significant digits)."""
+    from serve.engine_process import EngineProcess
+
+    model = load_checkpoint(tiny_ckpt)[0].to(getattr(torch, dtype)).eval()
+    two = prompts(engine, 2)
+    proc = EngineProcess(tiny_ckpt, EngineConfig(max_batch=2, max_len=256), dtype=dtype)
+    try:
+        async def both():
+            async def one(p):
+                return [t async for d in proc.stream(p, SamplingParams.greedy(16), ignore_eos=True)
+                        for t in d.token_ids]
+            return await asyncio.gather(*(one(p) for p in two)), await proc.stats()
+        got, stats = asyncio.run(both())
+    finally:
+        proc.shutdown()
+    assert stats["dtype"] == dtype and stats["batch_sizes"].get(2, 0) > 0  # in that dtype, and batched
+    for prompt, tokens in zip(two, got):
+        assert len(tokens) == 16
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:].float()
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert (logits.max(1).values - chosen).max().item() <= slack, (dtype, tokens)
