@@ -291,3 +291,60 @@ def test_concurrency_is_sized_to_the_cluster():
         concurrency({**record, "max_concurrent": 3}, {"CPU": 4})
     with pytest.raises(ValueError, match="no trial fits"):
         concurrency(record, {"CPU": 2})
+
+
+@pytest.mark.timeout(600)
+def test_an_interrupted_sweep_resumes_where_it_stopped(shared_data, poetry, tmp_path):
+    """The sweep's driver is killed (SIGKILL, its whole process tree: its embedded cluster too) while its
+    second trial trains; --resume keeps the finished trial as it is, resumes the second from its last
+    checkpoint, and writes the report and best_config.yaml."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    repo = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, str(repo / "tune" / "sweep.py"), "--stage", "pretrain", "--param", "lr=grid:1e-3,3e-3",
+            "--max-concurrent", "1", "--storage-path", str(tmp_path / "runs"), "--name", "cut",
+            *base_sets(shared_data, poetry, tmp_path / "cache", max_steps=16, cpus_per_worker=0.5),
+            "save_interval=4", "keep_checkpoints=2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "__RAY_"))}  # its own cluster
+    sweep = tmp_path / "runs" / "cut"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while True:  # the first trial done, the second with a checkpoint: then the power goes
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            done = list((sweep / "models").glob("*/trainer_state.json")) if (sweep / "models").is_dir() else []
+            started = [d for d in (sweep / "train").iterdir() if d.is_dir()] if (sweep / "train").is_dir() else []
+            second = [d for d in started if not (sweep / "models" / d.name / "trainer_state.json").exists()]
+            if len(done) == 1 and second and (second[0] / "latest").is_file():  # a published checkpoint
+                break
+            time.sleep(0.5)
+    finally:
+        tree = [proc] + [psutil.Process(p.pid) for p in psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait()
+    first_trial = done[0].parent.name
+    finished_at = done[0].stat().st_mtime_ns
+    assert not (sweep / "best_config.yaml").exists()
+
+    again = subprocess.run(argv[:2] + ["--resume", "--storage-path", str(tmp_path / "runs"), "--name", "cut"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    rows = json.loads((sweep / "results.json").read_text())
+    assert sorted(r["status"] for r in rows) == ["done", "done"]
+    assert (sweep / "best_config.yaml").is_file()
+    assert (sweep / "models" / first_trial / "trainer_state.json").stat().st_mtime_ns == finished_at  # not rerun
+    resumed = json.loads((sweep / "models" / second[0].name / "trainer_state.json").read_text())
+    assert resumed["step"] == 16 and resumed["restored_from"], resumed  # from its checkpoint, not step 0

@@ -107,6 +107,13 @@ def make_trainable(stage_name: str, base, named_trials: dict[str, dict], sweep_d
         # run's last checkpoint instead of starting over.
         cfg = trial_config(base, trial_params(config, named_trials), sweep_dir, trial_id, token_budget,
                            gpus_per_trial)
+        from cluster.publish import read_latest
+        latest = read_latest(Path(cfg.storage_path) / trial_id)
+        if latest is not None and not cfg.resume:
+            # A trial rerun by `--resume` after its driver died: Ray Train's own auto-resume needs its snapshot
+            # file, which a driver killed right after a checkpoint had not written (measured: the trial started
+            # over from step 0). Our `latest` pointer names the last checkpoint that verified.
+            cfg = cfg.replace(resume=latest["path"])
         callbacks = [TuneReportCallback()] + ([RecordStarts(keeper_name, trial_id)] if keeper_name else [])
         launch(cfg, load_stage(stage_name), callbacks=callbacks)
 
