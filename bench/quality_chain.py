@@ -31,8 +31,10 @@ Stages and what is measured:
      (a template, not a teacher model: this checks that the stage teaches the format). Measured: the share
      of well-formed greedy replies (minimind.scoring.well_formed) before and after; goal >= 95%.
 
-    nice -n 19 .venv/bin/python bench/quality_chain.py            # full run, ~30 min on 2 CPUs
-    nice -n 19 .venv/bin/python bench/quality_chain.py --quick    # ~3-5 min smoke of the same code
+    nice -n 19 .venv/bin/python bench/quality_chain.py            # full run: planned ~30 min on 2 idle CPUs;
+                                                                  # 54 min measured on a heavily shared machine
+    nice -n 19 .venv/bin/python bench/quality_chain.py --quick    # smoke of the same code (3.5-7 min measured)
+    nice -n 19 .venv/bin/python bench/quality_chain.py --reuse    # resume: skip steps already done identically
 
 Writes bench/results/quality_chain.json (every figure, every command with its wall time),
 bench/results/quality_chain.md (tables) and bench/results/quality_chain_*.png; prints the tables.
@@ -46,6 +48,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import shlex
@@ -73,12 +76,12 @@ FORMS = {(2, 10): "五言绝句", (2, 14): "七言绝句", (4, 10): "五言律�
 BUDGETS = {
     "full": dict(
         pretrain_docs=20000, pretrain_val=200, sft_train=4000, sft_val=200, dpo_train=1600, dpo_val=200,
-        generate=48,
+        generate=32,
         tiny=dict(max_seq_len=256, batch_size=16, max_steps=300, lr=2e-3, eval_interval=25),
-        small=dict(max_seq_len=256, batch_size=8, max_steps=48, lr=1e-3, eval_interval=12),
-        sft=dict(max_seq_len=192, batch_size=16, max_steps=250, lr=1e-3, eval_interval=50),
-        dpo=dict(max_seq_len=192, batch_size=8, max_steps=150, lr=1e-4, eval_interval=50),
-        reason=dict(max_seq_len=256, batch_size=16, max_steps=200, lr=1e-3, eval_interval=50),
+        small=dict(max_seq_len=256, batch_size=8, max_steps=40, lr=1e-3, eval_interval=10),
+        sft=dict(max_seq_len=192, batch_size=16, max_steps=200, lr=1e-3, eval_interval=50),
+        dpo=dict(max_seq_len=192, batch_size=8, max_steps=80, lr=2e-4, eval_interval=20),
+        reason=dict(max_seq_len=256, batch_size=8, max_steps=60, lr=1e-3, eval_interval=20),
     ),
     "quick": dict(
         pretrain_docs=1500, pretrain_val=40, sft_train=300, sft_val=24, dpo_train=100, dpo_val=24,
@@ -138,29 +141,57 @@ def write_jsonl(path: Path, records) -> int:
     return n
 
 
-class Runner:
-    """Runs the project's commands, logs each to WORK/logs, times it, and stops the bench on a failure."""
+def relative(arg) -> str:
+    """A path argument as the user would type it from the repository root (commands in the report)."""
+    text = str(arg)
+    for base, shown in ((REPO, ""), (DATA, "../shared/data/")):
+        if text.startswith(str(base) + "/"):
+            return shown + text[len(str(base)) + 1:]
+    return text
 
-    def __init__(self, work: Path):
-        self.work, self.commands = work, []
+
+class Runner:
+    """Runs the project's commands, logs each to WORK/logs, times it, and stops the bench on a failure.
+
+    With `reuse`, a step whose exact command already succeeded in this work dir (WORK/logs/NAME.done.json) is
+    not run again: its recorded wall time is kept and the entry is marked reused. The data files are rebuilt
+    identically every run, so this only saves the time of steps whose inputs did not change."""
+
+    def __init__(self, work: Path, reuse: bool = False):
+        self.work, self.reuse, self.commands = work, reuse, []
         (work / "logs").mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, name: str, args: list[str]) -> float:
+    def __call__(self, name: str, args: list[str], threads: int | None = None) -> float:
         cmd = [PY, *args]
-        shown = " ".join(shlex.quote(str(a)) for a in [".venv/bin/python", *args])
+        threads = threads or (EVAL_THREADS if name.startswith("eval_") else None)
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        shown = " ".join(shlex.quote(relative(a)) for a in [".venv/bin/python", *args])
+        if threads:
+            shown = f"OMP_NUM_THREADS={threads} {shown}"
         print(f"\n$ {shown}", flush=True)
-        log = self.work / "logs" / f"{name}.log"
+        log, done = self.work / "logs" / f"{name}.log", self.work / "logs" / f"{name}.done.json"
+        if self.reuse and done.is_file() and json.loads(done.read_text())["command"] == shown:
+            entry = json.loads(done.read_text()) | {"reused": True}
+            self.commands.append(entry)
+            print(f"  {name}: reused (ran in {entry['seconds']:.0f} s before)", flush=True)
+            return entry["seconds"]
+        done.unlink(missing_ok=True)
         start = time.perf_counter()
         with open(log, "w", encoding="utf-8") as f:
-            proc = subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
         seconds = time.perf_counter() - start
-        self.commands.append({"name": name, "command": shown, "seconds": round(seconds, 1),
-                              "returncode": proc.returncode, "log": str(log)})
+        # The 1-minute load average at the end: this machine is shared, and wall times move with it.
+        entry = {"name": name, "command": shown, "seconds": round(seconds, 1), "returncode": proc.returncode,
+                 "load_avg_1min": round(os.getloadavg()[0], 2), "log": relative(log)}
+        self.commands.append(entry)
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()
         if proc.returncode != 0:
             print("\n".join(tail[-40:]), file=sys.stderr)
             raise SystemExit(f"stage {name} failed with exit code {proc.returncode} after {seconds:.0f} s "
                              f"(full output: {log})")
+        done.write_text(json.dumps(entry) + "\n")
         print(f"  {name}: {seconds:.0f} s; {tail[-1] if tail else ''}", flush=True)
         return seconds
 
@@ -326,6 +357,13 @@ def train_args(stage: str, data: Path, val: Path, out: Path, hp: dict, extra: li
     return [str(a) for a in args]
 
 
+# Evaluation scores one document per forward pass (small matmuls): on this shared 2-core machine one torch
+# thread was 2.6x faster than two (measured: the same DPO evaluation 2.8 s vs 7.2 s), since the second thread
+# mostly waits for a core. Training's larger matmuls gain from two threads (tiny: 11.3k vs 5.6k tok/s), so
+# the stages keep torch's default.
+EVAL_THREADS = 1
+
+
 def eval_args(model: Path, data: Path, fmt: str, out: Path, extra: list[str] = ()) -> list[str]:
     return [str(a) for a in ["stages/evaluate.py", "--no-ray", "--model", model, "--data", data, "--format", fmt,
                              "--out", out, *extra]]
@@ -386,12 +424,13 @@ def plot_pretrain(results: dict, path: Path) -> None:
 def plot_finetune(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 4), dpi=100)
+    panels = [(stage, ylabel) for stage, ylabel in (("sft", "assistant-only val loss (nats/token)"),
+                                                    ("dpo", "val DPO loss"), ("reason", "val loss (tags x10)"))
+              if stage in results]
+    fig = Figure(figsize=(3.7 * max(len(panels), 1), 4), dpi=100)
     FigureCanvasAgg(fig)
-    for i, (stage, ylabel) in enumerate((("sft", "assistant-only val loss (nats/token)"),
-                                         ("dpo", "val DPO loss"),
-                                         ("reason", "val loss (tags x10)"))):
-        ax = fig.add_subplot(1, 3, i + 1)
+    for i, (stage, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
         curve = results[stage]["curve"]
         ax.plot([p["step"] for p in curve], [p["val_loss"] for p in curve], marker="o", label="val")
         ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker=".", alpha=0.6, label="train")
@@ -405,9 +444,10 @@ def plot_finetune(results: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    u, pre, sft, dpo, rsn = (results[k] for k in ("unigram", "pretrain", "sft", "dpo", "reason"))
+    u, pre, sft, dpo, rsn = (results.get(k) for k in ("unigram", "pretrain", "sft", "dpo", "reason"))
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-    lines = [f"# Quality chain ({results['budget']} run, {results['wall_seconds'] / 60:.1f} min wall)", "",
+    lines = [f"# Quality chain ({results['budget']} run: its steps took {results['steps_seconds'] / 60:.1f} min; "
+             f"this invocation {results['wall_seconds'] / 60:.1f} min)", "",
              f"Command: `{results['command']}`", "",
              "## Pretraining: held-out bits per character", "",
              "| model | params | steps | tokens seen | val bits/char (training, last) | evaluate bits/char | "
@@ -424,35 +464,66 @@ def markdown(results: dict) -> str:
     for name in ("tiny", "small"):
         pts = ", ".join(f"{p['tokens'] / 1e3:.0f}k: {p['val_bits_per_char']:.3f}" for p in pre[name]["curve"])
         lines.append(f"- {name}: {pts}")
-    lines += ["", "## SFT (poem from title/author/form prompts), held-out poems", "",
-              "| model | assistant-only loss | bits/char | right line structure | right line count | "
-              "every line right length |", "| --- | --- | --- | --- | --- | --- |"]
-    for key, label in (("before", "pretrained tiny (before)"), ("after", "SFT (after)")):
-        e, s = sft[key], sft[f"structure_{key}"]
-        lines.append(f"| {label} | {e['loss']:.3f} | {e['bits_per_char']:.3f} | {pct(s['ok'])} of {s['n']} | "
-                     f"{pct(s['lines_ok'])} | {pct(s['lengths_ok'])} |")
-    lines += ["", "## DPO (real poem vs reordered + 20%-substituted poem), held-out pairs", "",
-              "| model | preference accuracy, reference-free | accuracy vs SFT reference (DPO reward) | "
-              "margin vs reference |", "| --- | --- | --- | --- |",
-              f"| SFT (before) | {pct(dpo['before']['preference_accuracy'])} | 0% by construction | 0 |",
-              f"| DPO (after) | {pct(dpo['after_free']['preference_accuracy'])} | "
-              f"{pct(dpo['after_ref']['preference_accuracy'])} | {dpo['after_ref']['margin']:.4f} |",
-              "", "## Reasoning distillation (<think>/<answer>), held-out prompts", "",
-              "| model | well-formed greedy replies | finished (end token) | answer line structure | val loss |",
-              "| --- | --- | --- | --- | --- |"]
-    for key, label in (("before", "DPO (before)"), ("after", "reason (after)")):
-        e, s = rsn[key], rsn[f"structure_{key}"]
-        lines.append(f"| {label} | {pct(e['well_formed'])} of {e['generated']} | {pct(e['finished'])} | "
-                     f"{pct(s['ok'])} | {e['loss']:.3f} |")
+    missing = [k for k in ("sft", "dpo", "reason") if k not in results]
+    if missing:
+        lines += ["", f"**Not run (--until {results['until']}): {', '.join(missing)}.**"]
+    if sft:
+        lines += ["", "## SFT (poem from title/author/form prompts), held-out poems", "",
+                  "| model | assistant-only loss | bits/char | right line structure | right line count | "
+                  "every line right length |", "| --- | --- | --- | --- | --- | --- |"]
+        for key, label in (("before", "pretrained tiny (before)"), ("after", "SFT (after)")):
+            e, s = sft[key], sft[f"structure_{key}"]
+            lines.append(f"| {label} | {e['loss']:.3f} | {e['bits_per_char']:.3f} | {pct(s['ok'])} of {s['n']} | "
+                         f"{pct(s['lines_ok'])} | {pct(s['lengths_ok'])} |")
+    if dpo:
+        lines += ["", "## DPO (real poem vs reordered + 20%-substituted poem), held-out pairs", "",
+                  "| model | preference accuracy, reference-free | accuracy vs SFT reference (DPO reward) | "
+                  "margin vs reference |", "| --- | --- | --- | --- |",
+                  f"| SFT (before) | {pct(dpo['before']['preference_accuracy'])} | 0% by construction | 0 |",
+                  f"| DPO (after) | {pct(dpo['after_free']['preference_accuracy'])} | "
+                  f"{pct(dpo['after_ref']['preference_accuracy'])} | {dpo['after_ref']['margin']:.4f} |"]
+    if rsn:
+        lines += ["", "## Reasoning distillation (<think>/<answer>), held-out prompts", "",
+                  "| model | well-formed greedy replies | finished (end token) | answer line structure | val loss |",
+                  "| --- | --- | --- | --- | --- |"]
+        for key, label in (("before", "DPO (before)"), ("after", "reason (after)")):
+            e, s = rsn[key], rsn[f"structure_{key}"]
+            lines.append(f"| {label} | {pct(e['well_formed'])} of {e['generated']} | {pct(e['finished'])} | "
+                         f"{pct(s['ok'])} | {e['loss']:.3f} |")
+    lines += ["", "## Sample greedy replies (first held-out prompts)", ""]
+    for stage, key in (("sft", "after"), ("reason", "after")):
+        for s in results.get(stage, {}).get(key, {}).get("samples", [])[:2]:
+            lines.append(f"- {stage} {key}: `{s['prompt']}` -> `{json.dumps(s['output'], ensure_ascii=False)[1:-1][:300]}`")
     lines += ["", "## Wall times", "", "| step | seconds |", "| --- | --- |"]
-    lines += [f"| {c['name']} | {c['seconds']:.0f} |" for c in results["commands"]]
+    lines += [f"| {c['name']} | {c['seconds']:.0f}" + (" (recorded by an earlier, interrupted invocation)" if
+                                                       c.get("reused") else "") + " |" for c in results["commands"]]
     lines += [f"| data build | {results['data']['seconds']:.0f} |", f"| unigram | {u['seconds']:.0f} |",
-              f"| **total** | {results['wall_seconds']:.0f} |", "", "## Commands", ""]
+              f"| **total** (sum of the steps) | {results['steps_seconds']:.0f} |", "", "## Commands", ""]
     lines += [f"- `{c['command']}`" for c in results["commands"]]
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------- main
+
+STAGES = ("pretrain", "sft", "dpo", "reason")
+
+
+def write_report(results: dict, run: "Runner", results_dir: Path, stem: str, t0: float) -> None:
+    results["commands"] = run.commands
+    results["wall_seconds"] = time.perf_counter() - t0
+    # With --reuse some steps ran in an earlier invocation: their recorded times add up to the chain's cost.
+    results["steps_seconds"] = (sum(c["seconds"] for c in run.commands) + results["data"]["seconds"]
+                                + results["unigram"]["seconds"])
+    plot_pretrain(results, results_dir / f"{stem}_pretrain.png")
+    if any(k in results for k in STAGES[1:]):
+        plot_finetune(results, results_dir / f"{stem}_finetune.png")
+    md = markdown(results)
+    (results_dir / f"{stem}.md").write_text(md, encoding="utf-8")
+    (results_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n",
+                                              encoding="utf-8")
+    print("\n" + md)
+    print(f"wrote {results_dir / stem}.json, .md, _pretrain.png" + (", _finetune.png" if "sft" in results else ""),
+          flush=True)
 
 
 def main(argv=None):
@@ -461,6 +532,10 @@ def main(argv=None):
                     help="derived data, checkpoints and logs (default runs/quality_chain, git-ignored)")
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     ap.add_argument("--quick", action="store_const", const="quick", dest="budget", help="= --budget quick")
+    ap.add_argument("--until", choices=STAGES, default="reason",
+                    help="stop after this stage and report what ran (with --reuse: the report of finished steps)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="skip steps whose identical command already succeeded in --work-dir (after an interruption)")
     ap.add_argument("--results", default="", help="where the json/md/png go (default: bench/results for the full "
                     "run, WORK-DIR/quick/results for --quick, so a smoke run never overwrites the figures)")
     args = ap.parse_args(argv)
@@ -475,10 +550,17 @@ def main(argv=None):
     from minimind.model import MiniMind
     from minimind.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_file(TOKENIZER)
-    run = Runner(work)
+    run = Runner(work, reuse=args.reuse)
     results = {"budget": args.budget, "command": " ".join([".venv/bin/python", "bench/quality_chain.py",
                                                            *(["--quick"] if args.budget == "quick" else [])]),
-               "budgets": b, "corrupt_rate": CORRUPT_RATE, "val_share": VAL_SHARE}
+               "budgets": b, "corrupt_rate": CORRUPT_RATE, "val_share": VAL_SHARE, "until": args.until}
+
+    def done(stage: str) -> bool:
+        """After `stage`: with --until STAGE, write the report of what ran and stop."""
+        if args.until != stage:
+            return False
+        write_report(results, run, results_dir, stem, t0)
+        return True
 
     data = build_data(work, b, tokenizer)
     p = data["paths"]
@@ -503,6 +585,8 @@ def main(argv=None):
             "params": sum(x.numel() for x in MiniMind(get_preset(preset)).parameters()),
             "curve": val_curve(out), "eval": read_json(work / f"eval_pretrain_{preset}.json"),
             "hparams": b[preset]}
+    if done("pretrain"):
+        return
 
     # 2. SFT from the tiny pretrain.
     gen = ["--generate", b["generate"], "--samples", b["generate"]]
@@ -517,6 +601,8 @@ def main(argv=None):
         report = read_json(work / f"eval_sft_{key}.json")
         results["sft"][key] = report
         results["sft"][f"structure_{key}"] = structure_of(report, data["references"], reasoning=False)
+    if done("sft"):
+        return
 
     # 3. DPO from SFT (the reference is the SFT model, the stage's default: --init).
     dpo_out = ck / "dpo"
@@ -529,7 +615,8 @@ def main(argv=None):
                       "before": read_json(work / "eval_dpo_before.json"),
                       "after_free": read_json(work / "eval_dpo_after_free.json"),
                       "after_ref": read_json(work / "eval_dpo_after_ref.json")}
-    # The SFT model's own line structure after DPO is not re-measured: DPO changes log-probs by little here.
+    if done("dpo"):
+        return
 
     # 4. Reasoning distillation from DPO.
     reason_out = ck / "reason"
@@ -544,16 +631,7 @@ def main(argv=None):
         results["reason"][key] = report
         results["reason"][f"structure_{key}"] = structure_of(report, data["references"], reasoning=True)
 
-    results["commands"] = run.commands
-    results["wall_seconds"] = time.perf_counter() - t0
-    plot_pretrain(results, results_dir / f"{stem}_pretrain.png")
-    plot_finetune(results, results_dir / f"{stem}_finetune.png")
-    md = markdown(results)
-    (results_dir / f"{stem}.md").write_text(md, encoding="utf-8")
-    (results_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n",
-                                              encoding="utf-8")
-    print("\n" + md)
-    print(f"wrote {results_dir / stem}.json, .md, _pretrain.png, _finetune.png", flush=True)
+    write_report(results, run, results_dir, stem, t0)
 
 
 if __name__ == "__main__":
