@@ -349,13 +349,22 @@ def test_prepare_defaults_meet_the_stages_cache(tok, tmp_path):
 
 
 def _decoded_docs(tok, prepared) -> list[str]:
-    # Unpacked rows hold bos + document + eos, so each row gives its document back.
+    # Unpacked rows hold bos + document + eos: each row's text, markers included (compare with _row_text).
     docs = []
     for b in iter_data_rows(prepared):
         ids = b["input_ids"][:int(b["length"])].tolist()
         assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
-        docs.append(tok.decode(ids[1:-1]))
+        docs.append(tok.decode(ids))
     return docs
+
+
+def _row_text(tok, text: str) -> str:
+    """An unpacked row of `text`: one bos, the text, one eos; the bundled sample's MiniMind2-style texts
+    already start with bos and end with eos, which are not doubled."""
+    ids = tok.encode(text)
+    ids = ids[1:] if ids[:1] == [tok.bos_id] else ids
+    ids = ids[:-1] if ids[-1:] == [tok.eos_id] else ids
+    return tok.decode([tok.bos_id, *ids, tok.eos_id])
 
 
 def iter_data_rows(prepared):
@@ -381,13 +390,14 @@ def test_validation_split_is_disjoint_complete_and_stable(ray_cluster, tok, tmp_
     val_docs, train_docs = _decoded_docs(tok, val), _decoded_docs(tok, train)
     # Which document went where, checked on the raw records: the hash of each line decides.
     want_val = sorted(t for line, t in zip(raw, texts) if in_val_split(line, 0.2))
-    assert sorted(val_docs) == want_val and sorted(train_docs + val_docs) == sorted(texts)
+    assert sorted(val_docs) == sorted(_row_text(tok, t) for t in want_val)
+    assert sorted(train_docs + val_docs) == sorted(_row_text(tok, t) for t in texts)
     assert not set(val_docs) & set(train_docs)
     # A second run elsewhere, with another seed: the same split, byte for byte.
     train2, val2 = data.prepare_splits(DataSpec((str(corpus),), "pretrain", longest, pack=False,
                                                 val_fraction=0.2, seed=7), tok, tmp_path / "b")
     assert (train2.path.name, val2.path.name) == (train.path.name, val.path.name)
-    assert sorted(_decoded_docs(tok, val2)) == want_val
+    assert sorted(_decoded_docs(tok, val2)) == sorted(_row_text(tok, t) for t in want_val)
     # Packed: the two caches hold exactly the documents' tokens plus one separator each, nothing shared.
     ptrain, pval = data.prepare_splits(DataSpec((str(corpus),), "pretrain", 64, val_fraction=0.2), tok,
                                        tmp_path / "a")
