@@ -471,6 +471,16 @@ def prepare_splits(spec: DataSpec, tokenizer, cache_dir, **ingest) -> tuple[Prep
     return train, val
 
 
+def quiet_ray_data(context) -> None:
+    """Our own progress lines ("ingest: N records ...", the training line) are what the user should see: no Ray
+    Data progress bars, execution-plan banners or "Progress bars disabled" notice on the console (Ray's log files
+    keep them). `context`: a DataContext (a dataset's, or DataContext.get_current())."""
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 def _tokenise(files, encoder: Encoder, out: Path, rejects_path: Path, rows_per_shard: int, window: int,
               block_bytes: int, seed: int, threshold: float) -> dict:
     import ray.data
@@ -487,12 +497,7 @@ def _tokenise(files, encoder: Encoder, out: Path, rejects_path: Path, rows_per_s
                         compute=ray.data.TaskPoolStrategy(size=min(len(files), 4)))
     ds = ds.map_batches(_encode_blocks, batch_size=1, fn_kwargs={"encoder": encoder}, num_cpus=1)
     ds.context.execution_options.preserve_order = True  # same input, same shards
-    # Our own progress lines ("ingest: N records ...") are what the user should see: no Ray Data progress
-    # bars, execution-plan banners or per-dataset stats on the console (they still go to Ray's log files).
-    ds.context.enable_progress_bars = False
-    ds.context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled. ..."
+    quiet_ray_data(ds.context)
     # Ray merges a task's outputs into blocks of up to 128 MiB, and a block goes to one task: a whole file
     # would be tokenised by one task. Small blocks give one tokenising task per chunk read.
     ds.context.target_max_block_size = block_bytes // 2

@@ -100,9 +100,9 @@ class RayContext:
         import logging
 
         import ray.data
-        ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line is ours
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-epoch "Starting execution" lines
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
+
+        from .data import quiet_ray_data
+        quiet_ray_data(ray.data.DataContext.get_current())  # per-epoch bars and "Starting execution" lines
         try:  # a "Reporting training result N: TrainingReport(...)" line per report; the progress line says it
             from ray.train.v2._internal.execution import context as train_context
             logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names it by file path
