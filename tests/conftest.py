@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster for the whole session, and the real data beside the checkout."""
+"""Shared fixtures: one local Ray cluster for the whole session, the data a fresh clone has (the bundled samples
+and the tokenizer trained on them), and the real data beside the checkout for the tests that are about it."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+BUNDLED = REPO_ROOT / "minimind" / "data"  # the samples the project ships: every Ray test runs on these
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +22,40 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (it lies beside the checkout in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def project_tokenizer(tmp_path_factory) -> Path:
+    """The tokenizer of a fresh clone: trained on the bundled sample corpus (2,257 tokens), exactly what a run
+    without --tokenizer uses, saved once as a directory."""
+    from minimind.__main__ import default_tokenizer
+    out = tmp_path_factory.mktemp("project-tokenizer")
+    default_tokenizer().save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundled_corpus(tmp_path_factory):
+    """`bundled_corpus(copies)`: the bundled pretraining sample (685 texts, ~34k tokens) as one jsonl file,
+    `copies` times over, each copy in its own fixed shuffled order, for runs that need more tokens than it has.
+    A copy count gives the same file every time (runs that share a tokenised cache rely on it)."""
+    import random
+    lines = [line for line in (BUNDLED / "sample_corpus.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    made: dict[int, Path] = {}
+
+    def make(copies: int = 1) -> Path:
+        if copies not in made:
+            rows = []
+            for seed in range(copies):
+                copy = list(lines)
+                if seed:
+                    random.Random(seed).shuffle(copy)
+                rows += copy
+            path = tmp_path_factory.mktemp(f"corpus-x{copies}") / "corpus.jsonl"
+            path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+            made[copies] = path
+        return made[copies]
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"
 
 
-def test_train_throughput_quick_cpu(ray_cluster, shared_data, tmp_path):
+def test_train_throughput_quick_cpu(ray_cluster, project_tokenizer, tmp_path):
     spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -31,7 +31,7 @@ def test_train_throughput_quick_cpu(ray_cluster, shared_data, tmp_path):
     assert "gpu_idle_fraction" in rows["ray"] and "wait_fraction_vs_replica" in rows["ray"]
 
 
-def test_serve_bench_tiny_without_http(shared_data, tmp_path):
+def test_serve_bench_tiny_without_http(project_tokenizer, tmp_path):
     """The serving benchmark's in-process systems on the tiny preset (the HTTP levels need their own Serve
     instance and are left to the real run): every system of every level is there, greedy output agrees with
     transformers, and the decode floor is measured."""
@@ -40,8 +40,8 @@ def test_serve_bench_tiny_without_http(shared_data, tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "serve.json"
     bench.main(["--preset", "tiny", "--concurrency", "1", "2", "--max-tokens", "6", "--rounds", "1",
-                "--no-serve", "--tokenizer", str(shared_data / "minimind"),
-                "--prompts", str(shared_data / "minimind" / "lora_identity.jsonl"), "--out", str(out)])
+                "--no-serve", "--tokenizer", str(project_tokenizer),
+                "--prompts", str(REPO / "minimind" / "data" / "sample_sft.jsonl"), "--out", str(out)])
     result = json.loads(out.read_text())
     got = {(r["system"], r["concurrency"]) for r in result["rows"]}
     assert got == {("hf", 1), ("engine", 1), ("engine-nokv", 1), ("hf-batch", 2), ("engine", 2), ("engine-nokv", 2)}

@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(shared_data):
+def tokenizer(project_tokenizer):
     from minimind.tokenizer import Tokenizer
-    return Tokenizer.from_dir(shared_data / "minimind")
+    return Tokenizer.from_dir(project_tokenizer)
 
 
 def _model(preset="tiny", seed=0):
@@ -154,9 +154,9 @@ def _cli(*args, check=True):
     return proc
 
 
-def test_cli_new_info_generate(tmp_path, shared_data, tokenizer):
+def test_cli_new_info_generate(tmp_path, project_tokenizer, tokenizer):
     out = tmp_path / "ck"
-    _cli("new", "--preset", "tiny", "--out", str(out), "--tokenizer", str(shared_data / "minimind"), "--seed", "5")
+    _cli("new", "--preset", "tiny", "--out", str(out), "--tokenizer", str(project_tokenizer), "--seed", "5")
     info = _cli("info", str(out)).stdout
     assert "preset:     tiny" in info and f"{508_224:,}" in info and "float32" in info
     assert "tokenizer.json" in info and "model.safetensors" in info
@@ -172,6 +172,29 @@ def test_cli_new_info_generate(tmp_path, shared_data, tokenizer):
     assert chat == tok.decode(chat_ids) + "\n"
     bad = _cli("info", str(tmp_path / "missing"), check=False)
     assert bad.returncode == 2 and "missing" in bad.stderr
+
+
+def test_cli_convert_turns_a_minimind_pth_into_a_checkpoint(tmp_path, project_tokenizer):
+    """`python -m minimind convert X.pth --preset P --out D [--tokenizer T]`: D loads with the .pth's exact
+    logits, in our loader and in transformers, and carries the tokenizer; a .pth of another size is refused."""
+    import transformers
+    model = _model("tiny", seed=6)
+    torch.save({"_orig_mod." + k: v for k, v in model.state_dict().items()}, tmp_path / "full_sft_64.pth")
+    done = _cli("convert", str(tmp_path / "full_sft_64.pth"), "--preset", "tiny", "--out", str(tmp_path / "ck"),
+                "--tokenizer", str(project_tokenizer))
+    assert f"({model.num_parameters():,} parameters)" in done.stdout
+    converted, tok = load_checkpoint(tmp_path / "ck")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("床前明月光，疑是地上霜。")])
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(ids).logits, model(ids).logits)
+        assert torch.equal(hf(ids).logits, model(ids).logits)
+    from minimind.tokenizer import Tokenizer
+    assert tok.fingerprint() == Tokenizer.from_dir(project_tokenizer).fingerprint()
+    wrong = _cli("convert", str(tmp_path / "full_sft_64.pth"), "--preset", "tiny-base", "--out",
+                 str(tmp_path / "bad"), check=False)
+    assert wrong.returncode != 0 and "full_sft_64.pth: missing tensors" in wrong.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_info_refuses_truncated_weights(tmp_path):

@@ -22,18 +22,16 @@ BUNDLED = Path(__file__).resolve().parents[1] / "minimind" / "data"
 
 
 @pytest.fixture(scope="module")
-def tok(shared_data) -> Tokenizer:
-    return Tokenizer.from_dir(shared_data / "minimind")
+def tok(project_tokenizer) -> Tokenizer:
+    return Tokenizer.from_dir(project_tokenizer)
 
 
 @pytest.fixture(scope="module")
-def poems(shared_data, tmp_path_factory) -> Path:
-    """The first 600 poems of the real corpus, as its own .jsonl.gz in a directory."""
+def poems(tmp_path_factory) -> Path:
+    """The bundled pretraining sample (685 texts), as its own .jsonl.gz in a directory."""
     d = tmp_path_factory.mktemp("poetry")
-    with gzip.open(shared_data / "poetry" / "poems.train.jsonl.gz", "rt", encoding="utf-8") as f:
-        lines = [next(f) for _ in range(600)]
     with gzip.open(d / "poems.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(lines)
+        f.write((BUNDLED / "sample_corpus.jsonl").read_text(encoding="utf-8"))
     return d
 
 
@@ -84,12 +82,12 @@ def test_prepare_poetry_packed_and_padded(ray_cluster, tok, poems, tmp_path):
     padded = prepare_dataset(DataSpec((str(poems),), "pretrain", 64, pack=False), tok, tmp_path,
                              rows_per_shard=64)
     m = packed.manifest
-    assert m["records"] == 600 and m["rejects"] == 0 and m["files"][0]["rows"] == m["rows"]
+    texts = [json.loads(line)["text"] for line in gzip.open(poems / "poems.jsonl.gz", "rt", encoding="utf-8")]
+    assert m["records"] == len(texts) == 685 and m["rejects"] == 0 and m["files"][0]["rows"] == m["rows"]
     assert m["tokenizer"] == tok.fingerprint() and m["row_len"] == 65 and m["format"] == "pretrain"
     assert m["padding_fraction"] < 0.01 and padded.manifest["padding_fraction"] > 0.1
     assert sum(packed.shard_rows) == m["rows"] and set(packed.shard_rows[:-1]) == {64}
     # Packing keeps every token: real tokens = the documents' tokens plus one separator each.
-    texts = [json.loads(line)["text"] for line in gzip.open(poems / "poems.jsonl.gz", "rt", encoding="utf-8")]
     assert m["real_tokens"] == sum(len(ids) + 1 for ids in tok.encode_batch(texts))
     # The cache's content depends on the inputs only, not on the run that wrote it.
     again = prepare_dataset(DataSpec((str(poems),), "pretrain", 64), tok, tmp_path / "again", rows_per_shard=64)
@@ -103,10 +101,19 @@ def test_prepare_poetry_packed_and_padded(ray_cluster, tok, poems, tmp_path):
 @pytest.mark.parametrize("fmt, source", [("pretrain", "minimind/pretrain_sample.jsonl"),
                                          ("chat", "minimind/sft_sample.jsonl"),
                                          ("chat", "minimind/lora_identity.jsonl"),
+                                         ("pretrain", "bundled/sample_corpus.jsonl"),
+                                         ("chat", "bundled/sample_sft.jsonl"),
+                                         ("chat", "bundled/sample_reason.jsonl"),
                                          ("dpo", "bundled/sample_dpo.jsonl")])
-def test_prepare_real_minimind_samples(ray_cluster, tok, shared_data, tmp_path, fmt, source):
+def test_prepare_real_minimind_samples(ray_cluster, tok, request, tmp_path, fmt, source):
+    """MiniMind's own sample files with its tokenizer (they need the real data beside the checkout), and the
+    bundled ones with the project's."""
     root, name = source.split("/")
-    path = (BUNDLED if root == "bundled" else shared_data / root) / name
+    if root == "bundled":
+        path = BUNDLED / name
+    else:
+        path = request.getfixturevalue("shared_data") / root / name
+        tok = Tokenizer.from_dir(path.parent)
     n_lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     p = prepare_dataset(DataSpec((str(path),), fmt, 256), tok, tmp_path)
     assert p.manifest["records"] == n_lines and p.manifest["rejects"] == 0
@@ -428,3 +435,32 @@ def test_validation_split_is_disjoint_complete_and_stable(ray_cluster, tok, tmp_
             assert sorted(seen) == list(range(n)) and max(counts) - min(counts) <= 1
             if world > n:
                 assert 0 in counts
+
+
+@pytest.mark.timeout(180)
+def test_prepare_script_writes_the_cache_the_stage_then_reads(ray_cluster, project_tokenizer, tmp_path):
+    """`python stages/prepare.py --stage sft ... --val-fraction 0.1` end to end (joined to the test cluster):
+    it prints both splits, which together hold every record once; the SFT stage given the same flags and
+    `--cache-dir` resolves to exactly those caches and finds them complete, so it tokenises nothing again."""
+    import subprocess
+    import sys
+
+    from cluster.launcher import prepare_data
+    from stages.sft import SFT, SFTConfig
+    data, cache = BUNDLED / "sample_sft.jsonl", tmp_path / "cache"
+    env = {**__import__("os").environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "stages/prepare.py", "--stage", "sft", "--data", str(data),
+                           "--out", str(cache), "--tokenizer", str(project_tokenizer), "--val-fraction", "0.1"],
+                          cwd=BUNDLED.parents[1], env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads("[" + done.stdout.replace("}\n{", "},\n{") + "]")
+    assert [p["split"] for p in printed] == ["train", "val"]
+    assert sum(p["records"] for p in printed) == 200 and all(p["records"] for p in printed)
+    assert printed[0]["max_seq_len"] == SFTConfig().max_seq_len
+    manifests = {p["path"]: (Path(p["path"]) / "manifest.json").stat().st_mtime_ns for p in printed}
+
+    cfg = SFTConfig(data=(str(data),), val_fraction=0.1, cache_dir=str(cache))
+    train, val = prepare_data(cfg, SFT(), Tokenizer.from_dir(project_tokenizer), str(cache))
+    assert [str(train.path), str(val.path)] == [p["path"] for p in printed]
+    assert {p: (Path(p) / "manifest.json").stat().st_mtime_ns for p in manifests} == manifests  # read, not rewritten
+    assert (train.manifest["records"], val.manifest["records"]) == (printed[0]["records"], printed[1]["records"])

@@ -154,3 +154,26 @@ def test_a_run_directory_stands_for_the_checkpoint_latest_names(tmp_path, capsys
                       "--max-seq-len", "64", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     said = capsys.readouterr().out
     assert f"--init {run}: its latest checkpoint (step 3)" in said, said
+
+
+def test_without_tokenizer_flags_a_run_uses_the_bundled_sample_tokenizer(tmp_path, project_tokenizer):
+    """`make demo` (`python stages/pretrain.py`, no flags): the tokenizer is the one trained on the bundled
+    sample, the same every time and named so on the first line; an --init checkpoint's tokenizer comes before
+    it, and --tokenizer before both."""
+    from cluster.launcher import resolve_tokenizer
+    from minimind.tokenizer import Tokenizer
+    bundled = Tokenizer.from_dir(project_tokenizer)
+    tok, source = resolve_tokenizer(TrainConfig())
+    assert (tok.fingerprint(), tok.vocab_size) == (bundled.fingerprint(), 2257)
+    assert source == "trained on the bundled sample corpus (give --tokenizer for your own)"
+    from minimind.tokenizer import train_tokenizer
+    own = train_tokenizer(["a checkpoint with a tokenizer of its own"] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    save_checkpoint(MiniMind(get_preset("tiny")), tmp_path / "init", tokenizer=own)
+    tok, source = resolve_tokenizer(TrainConfig(init=str(tmp_path / "init")))
+    assert tok.fingerprint() == own.fingerprint() != bundled.fingerprint()
+    assert source == f"{tmp_path / 'init'} (--init)"
+    tok, source = resolve_tokenizer(TrainConfig(init=str(tmp_path / "init"), tokenizer=str(project_tokenizer)))
+    assert (tok.fingerprint(), source) == (bundled.fingerprint(), str(project_tokenizer))
+    with pytest.raises(ValueError, match=r"--tokenizer .*/nowhere: no such file or directory"):
+        resolve_tokenizer(TrainConfig(tokenizer=str(tmp_path / "nowhere")))

@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, shared_data):
+def tiny_ckpt(tmp_path_factory, project_tokenizer):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(MiniMind(PRESETS["tiny"]), out, tokenizer=Tokenizer.from_dir(shared_data / "minimind"))
+    save_checkpoint(MiniMind(PRESETS["tiny"]), out, tokenizer=Tokenizer.from_dir(project_tokenizer))
     return out
 
 

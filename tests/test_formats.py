@@ -18,8 +18,8 @@ SYSTEM = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
 
 
 @pytest.fixture(scope="module")
-def tok(shared_data) -> Tokenizer:
-    return Tokenizer.from_dir(shared_data / "minimind")
+def tok(project_tokenizer) -> Tokenizer:
+    return Tokenizer.from_dir(project_tokenizer)
 
 
 def expected(tok, pieces):

@@ -392,7 +392,7 @@ def job_status(cluster: LoopbackCluster, job_id: str) -> str:
 
 
 @pytest.mark.timeout(420)
-def test_job_survives_losing_a_worker_node(loopback_cluster, shared_data, tmp_path):
+def test_job_survives_losing_a_worker_node(loopback_cluster, project_tokenizer, tmp_path):
     cluster = loopback_cluster
     storage, out, run = tmp_path / "shared-storage", tmp_path / "out", "multinode"
     cmd = [sys.executable, str(REPO_ROOT / "stages" / "pretrain.py"),
@@ -401,7 +401,7 @@ def test_job_survives_losing_a_worker_node(loopback_cluster, shared_data, tmp_pa
            "--storage-path", str(storage), "--run-name", run, "--out", str(out),
            "--cache-dir", str(tmp_path / "cache"), "--epochs", "4",
            "--max-seq-len", "64", "--batch-size", "8", "--accumulation-steps", "1", "--log-interval", "1",
-           "--tokenizer", str(shared_data / "minimind")]
+           "--tokenizer", str(project_tokenizer)]
     job_id = f"multinode-{os.getpid()}-{int(time.time())}"
     t0 = time.time()
     submit = subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", job_id,

@@ -76,23 +76,23 @@ class Watch:
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(shared_data, tmp_path_factory) -> Path:
+def tiny_checkpoint(project_tokenizer, tmp_path_factory) -> Path:
     from minimind.checkpoint import save_checkpoint
     from minimind.config import PRESETS
     from minimind.model import MiniMind
     from minimind.tokenizer import Tokenizer
 
     out = tmp_path_factory.mktemp("net") / "tiny"
-    save_checkpoint(MiniMind(PRESETS["tiny"]), out, tokenizer=Tokenizer.from_dir(shared_data / "minimind"))
+    save_checkpoint(MiniMind(PRESETS["tiny"]), out, tokenizer=Tokenizer.from_dir(project_tokenizer))
     return out
 
 
-def test_training_listens_on_loopback_only(ray_cluster, shared_data, tmp_path):
+def test_training_listens_on_loopback_only(ray_cluster, project_tokenizer, tmp_path):
     from cluster.config import TrainConfig
     from cluster.launcher import launch
     from stages.pretrain import Pretrain
 
-    cfg = TrainConfig(preset="tiny", tokenizer=str(shared_data / "minimind"), num_workers=2, max_seq_len=64,
+    cfg = TrainConfig(preset="tiny", tokenizer=str(project_tokenizer), num_workers=2, max_seq_len=64,
                       batch_size=4, accumulation_steps=1, max_steps=3, log_interval=1, max_failures=0,
                       out=str(tmp_path / "out"), storage_path=str(tmp_path / "ray"),
                       cache_dir=str(tmp_path / "cache"))

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimind.checkpoint import save_checkpoint
+from minimind.checkpoint import load_model, save_checkpoint
 from minimind.config import PRESETS
 from minimind.generate import SamplingParams, generate
 from minimind.model import MiniMind
@@ -41,9 +41,9 @@ ALLOWED_ORIGIN, ALLOWED_HOST = "http://allowed.example", "chat.example"
 
 
 @pytest.fixture(scope="module")
-def think_ckpt(tmp_path_factory, shared_data):
+def think_ckpt(tmp_path_factory, project_tokenizer):
     """A tiny model that has memorised one reasoning answer in MiniMind's template (100-200 AdamW steps, CPU-dependent)."""
-    tok = Tokenizer.from_dir(shared_data / "minimind")
+    tok = Tokenizer.from_dir(project_tokenizer)
     prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=True)
     answer = tok.encode(f"<think>{REASONING}</think>\n<answer>\n{ANSWER}\n</answer>") + [tok.eos_id]
     ids = torch.tensor([prompt + answer])
@@ -183,6 +183,31 @@ def test_sampling_parameters(server):
     b = server.client.chat.completions.create(**ask, **sampled)
     assert a.choices[0].message == b.choices[0].message  # same seed, same text
     assert a.usage.completion_tokens == 24 and a.choices[0].finish_reason == "length"
+
+    # Each parameter takes effect (a server that parsed and ignored them would answer greedily every time).
+    # Token-id prompts and float64 weights here, so the library's generate() is the exact reference.
+    tok = server.ckpt.tokenizer
+    model = load_model(server.ckpt.dir, dtype=torch.float64).eval()
+    prompt = tok.encode_plain("从前有座山，")
+
+    def served(**kw):
+        return server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=16,
+                                                extra_body={"ignore_eos": True, **kw.pop("extra", {})},
+                                                **kw).choices[0].text
+
+    def reference(**kw):
+        return tok.decode(generate(model, prompt, SamplingParams(max_new_tokens=16, **kw)))  # no stop ids
+    greedy = served(temperature=0)
+    assert greedy == reference(temperature=0)
+    # Penalties change the greedy path, exactly as generate() applies them.
+    penalised = served(temperature=0, presence_penalty=2.0, extra={"repetition_penalty": 3.0})
+    assert penalised == reference(temperature=0, presence_penalty=2.0, repetition_penalty=3.0) != greedy
+    # Temperature: two seeds, two different samples, neither greedy; top_k=1 (and a tiny top_p) is greedy
+    # again whatever the seed and temperature.
+    s1, s2 = served(temperature=1.0, seed=1), served(temperature=1.0, seed=2)
+    assert len({s1, s2, greedy}) == 3
+    assert served(temperature=1.5, seed=1, extra={"top_k": 1}) == greedy
+    assert served(temperature=1.5, seed=2, top_p=1e-6) == greedy
     # Stop strings (on a text completion: no reasoning split to think about).
     ask = dict(model=MODEL, prompt="从前有座山，", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
     greedy = server.client.completions.create(**ask).choices[0].text
@@ -489,20 +514,70 @@ def test_web_page_streams_an_answer_in_chromium(server, chromium, tmp_path):
     assert shown["chunks"] >= 3  # role, text and finish arrived as separate server-sent events
 
 
+def _engine_processes() -> list:
+    import psutil
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "serve.engine_process" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # a process that ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype, reasoning", [("float32", "auto"), ("bfloat16", "off")])
+def test_the_shipped_float32_and_bfloat16_serve_over_http(server, dtype, reasoning):
+    """The module's server runs float64; here a second application on the same Serve instance runs the shipped
+    default float32, or bfloat16 with reasoning=off: its replica holds the model in that dtype, the memorised
+    answer comes back greedy over HTTP, and with reasoning=off the <think>/<answer> text is all content, tags
+    included, in the plain and the streamed reply."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    name = f"minimind-{dtype}"
+    engines_before = len(_engine_processes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, KEY)
+        app = build_app({"model": str(server.ckpt.dir), "name": MODEL, "dtype": dtype, "max_batch": "2",
+                         "max_len": "256", "api_key_env": KEY_ENV, "num_cpus": "0.5", "reasoning": reasoning})
+    serve.run(app, name=name, route_prefix=f"/{dtype}")
+    try:
+        base = f"{server.url}/{dtype}"
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": QUESTION}]
+        resp = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=64)
+        message = resp.choices[0].message
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=64,
+                                                     stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        streamed = ("".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas),
+                    "".join(d.content or "" for d in deltas))
+        if reasoning == "off":
+            whole = f"<think>{REASONING}</think>\n<answer>\n{ANSWER}\n</answer>"
+            assert (message.content, (message.model_extra or {}).get("reasoning_content")) == (whole, None)
+            assert streamed == ("", whole)
+        else:
+            assert (message.model_extra["reasoning_content"], message.content) == (REASONING, ANSWER)
+            assert streamed == (REASONING, ANSWER)
+        assert resp.usage.completion_tokens == server.ckpt.answer_tokens
+        assert httpx.get(base + "/health", headers=AUTH, timeout=10).json()["engine"]["dtype"] == dtype
+    finally:
+        serve.delete(name)
+        deadline = time.monotonic() + 30  # the last test below expects the module's one engine only
+        while len(_engine_processes()) > engines_before and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert len(_engine_processes()) == engines_before
+
+
 # --------------------------------------------------------------------------- last: it kills the engine process
 
 @pytest.mark.timeout(120)
 def test_a_dead_engine_is_503_with_retry_after(server):
-    import psutil
-
-    def is_engine(p):
-        try:
-            return "serve.engine_process" in " ".join(p.cmdline())
-        except psutil.Error:  # a process that ended meanwhile
-            return False
-
     # The local cluster is this process's child: its one replica's engine is our descendant, nobody else's.
-    (engine,) = [p for p in psutil.Process().children(recursive=True) if is_engine(p)]
+    (engine,) = _engine_processes()
     # Two requests in flight when it dies, one plain and one streamed (900 tokens: far from done).
     long = chat_body(max_tokens=900, ignore_eos=True)
     plain, events, streaming = {}, [], threading.Event()

@@ -1,6 +1,4 @@
-"""Every stage on Ray Train with 2 CPU workers, tiny models and real data; the chain; bad input."""
-import gzip
-import itertools
+"""Every stage on Ray Train with 2 CPU workers, tiny models and the bundled samples; the chain; bad input."""
 import json
 import math
 from pathlib import Path
@@ -20,20 +18,19 @@ from stages.pretrain import Pretrain
 from stages.reason import Reason, ReasonConfig
 from stages.sft import SFT, SFTConfig
 
+BUNDLED = Path(__file__).resolve().parents[1] / "minimind" / "data"  # the samples the project ships
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def poetry(shared_data, tmp_path_factory) -> Path:
-    """The first 3,000 real poems as a plain jsonl (the full corpus is for benchmarks)."""
-    path = tmp_path_factory.mktemp("poetry") / "poems.jsonl"
-    with gzip.open(shared_data / "poetry" / "poems.train.jsonl.gz", "rt", encoding="utf-8") as src:
-        path.write_text("".join(itertools.islice(src, 3000)), encoding="utf-8")
-    return path
+def poetry(bundled_corpus) -> Path:
+    """The bundled pretraining sample, twice over (~68k tokens; real corpora are for benchmarks)."""
+    return bundled_corpus(2)
 
 
-def common(tmp_path, shared_data, **kw) -> dict:
-    base = dict(tokenizer=str(shared_data / "minimind"), out=str(tmp_path / "out"), num_workers=2,
+def common(tmp_path, project_tokenizer, **kw) -> dict:
+    base = dict(tokenizer=str(project_tokenizer), out=str(tmp_path / "out"), num_workers=2,
                 max_seq_len=64, batch_size=8, accumulation_steps=1, log_interval=1, max_failures=0,
                 storage_path=str(tmp_path / "ray"), cache_dir=str(tmp_path / "cache"))
     return {**base, **kw}
@@ -44,9 +41,9 @@ def losses(out: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(ray_cluster, poetry, shared_data, tmp_path_factory) -> Path:
+def pretrained(ray_cluster, poetry, project_tokenizer, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("pretrain")
-    cfg = TrainConfig(**common(tmp, shared_data, preset="tiny", data=(str(poetry),), lr=3e-3, max_steps=30,
+    cfg = TrainConfig(**common(tmp, project_tokenizer, preset="tiny", data=(str(poetry),), lr=3e-3, max_steps=30,
                                wandb=True))
     return launch(cfg, Pretrain())
 
@@ -62,24 +59,61 @@ def test_pretrain_loss_falls_and_writes_checkpoint(pretrained):
     assert model.config == PRESETS["tiny"]
     assert (pretrained / "tokenizer.json").is_file()
     assert json.loads((pretrained / "trainer_state.json").read_text())["step"] == 30
+    # --wandb (offline in tests): the run's own wandb file holds every logged step with the same values.
+    (run_file,) = (pretrained.parent / "logs").glob("*/wandb/offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    assert [h["_step"] for h in history] == list(range(1, 31))
+    assert [(h["loss"], h["tokens"]) for h in history] == [(r["loss"], r["tokens"]) for r in log]
 
 
-def test_sft_from_pretrain_loss_falls(pretrained, shared_data, tmp_path):
-    cfg = SFTConfig(**common(tmp_path, shared_data, init=str(pretrained),
-                             data=(str(shared_data / "minimind" / "lora_identity.jsonl"),),
-                             lr=2e-3, max_seq_len=128))
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline wandb run file: a 7-byte header, then 32 KiB blocks of records (4-byte
+    CRC, 2-byte length, 1-byte type: full, first, middle, last), each a wandb `Record` protobuf."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+    data, block, pos, records, partial = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero padding to the block's end
+            pos += (block - pos % block) % block
+        elif kind in (1, 2):
+            partial = chunk
+        else:
+            partial += chunk
+        if kind in (1, 4):
+            records.append(partial)
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
+
+
+def test_sft_from_pretrain_loss_falls(pretrained, project_tokenizer, tmp_path):
+    cfg = SFTConfig(**common(tmp_path, project_tokenizer, init=str(pretrained),
+                             data=(str(BUNDLED / "sample_sft.jsonl"),),
+                             lr=2e-3, max_seq_len=128, max_steps=10))
     out = launch(cfg, SFT())
     log = losses(out)
-    # 91 conversations / (8 rows x 2 workers) = 5 steps an epoch, 2 epochs (SFT's default).
+    # 200 conversations / (8 rows x 2 workers) = 12 steps an epoch; the first 10.
     assert len(log) == 10 and min(log[-3:]) < log[0] - 0.5
 
 
-def test_dpo_starts_at_ln2_and_learns(pretrained, tmp_path, shared_data):
+def test_dpo_starts_at_ln2_and_learns(pretrained, tmp_path, project_tokenizer):
     # 16 pairs, 8 per step: every pair is seen four times in 8 steps, so "learns" means the policy comes to
     # prefer the chosen answers of its own training pairs (one step on unseen pairs is too noisy to judge).
-    pairs = (Path(__file__).parents[1] / "minimind" / "data" / "sample_dpo.jsonl").read_text().splitlines()[:16]
+    pairs = (BUNDLED / "sample_dpo.jsonl").read_text().splitlines()[:16]
     (tmp_path / "dpo16.jsonl").write_text("\n".join(pairs) + "\n")
-    cfg = DPOConfig(**common(tmp_path, shared_data, init=str(pretrained), epochs=4, lr=1e-3,
+    cfg = DPOConfig(**common(tmp_path, project_tokenizer, init=str(pretrained), epochs=4, lr=1e-3,
                              data=(str(tmp_path / "dpo16.jsonl"),), max_seq_len=128, batch_size=4))
     out = launch(cfg, DPO())
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -90,9 +124,9 @@ def test_dpo_starts_at_ln2_and_learns(pretrained, tmp_path, shared_data):
     assert "reward_margin" in log[-1]
 
 
-def test_lora_leaves_base_bit_identical(pretrained, tmp_path, shared_data):
-    cfg = LoRAConfig(**common(tmp_path, shared_data, init=str(pretrained), max_steps=6, lr=1e-2,
-                              data=(str(shared_data / "minimind" / "lora_identity.jsonl"),), max_seq_len=128))
+def test_lora_leaves_base_bit_identical(pretrained, tmp_path, project_tokenizer):
+    cfg = LoRAConfig(**common(tmp_path, project_tokenizer, init=str(pretrained), max_steps=6, lr=1e-2,
+                              data=(str(BUNDLED / "sample_sft.jsonl"),), max_seq_len=128))
     out = launch(cfg, LoRA())
     base, merged = read_weights(pretrained / "model.safetensors"), read_weights(out / "model.safetensors")
     adapter = read_weights(out / "adapter_model.safetensors")
@@ -112,17 +146,35 @@ def test_lora_leaves_base_bit_identical(pretrained, tmp_path, shared_data):
     assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged)
 
 
-def test_distill_from_itself_has_zero_kl(pretrained, tmp_path, shared_data):
-    cfg = DistillConfig(**common(tmp_path, shared_data, init=str(pretrained), teacher=str(pretrained),
+def test_distill_from_itself_has_zero_kl(pretrained, tmp_path, project_tokenizer):
+    cfg = DistillConfig(**common(tmp_path, project_tokenizer, init=str(pretrained), teacher=str(pretrained),
                                  alpha=0.0, temperature=2.0, max_steps=2, lr=1e-12,
-                                 data=(str(shared_data / "minimind" / "sft_sample.jsonl"),), max_seq_len=128,
+                                 data=(str(BUNDLED / "sample_sft.jsonl"),), max_seq_len=128,
                                  batch_size=2))
     log = [json.loads(line) for line in (launch(cfg, Distill()) / "metrics.jsonl").read_text().splitlines()]
     assert abs(log[0]["kl"]) < 1e-6 and abs(log[0]["loss"]) < 1e-5
 
 
-def test_reasoning_tag_weights_reach_the_loss(pretrained, tmp_path, shared_data):
-    cfg = ReasonConfig(**common(tmp_path, shared_data, init=str(pretrained), max_steps=4, lr=2e-3,
+def test_distill_from_a_larger_teacher(pretrained, tmp_path, project_tokenizer):
+    """A wider, deeper teacher (tiny-base, 3 layers x 96) than the student (tiny, 2 x 64): its logits reach
+    the KL term (well above 0 at the start, and falling as the student follows it), the student keeps its own
+    preset, and the frozen teacher's weights are untouched."""
+    torch.manual_seed(7)
+    teacher = tmp_path / "teacher"
+    save_checkpoint(MiniMind(PRESETS["tiny-base"]), teacher)
+    before = (teacher / "model.safetensors").read_bytes()
+    cfg = DistillConfig(**common(tmp_path, project_tokenizer, init=str(pretrained), teacher=str(teacher),
+                                 alpha=0.0, temperature=2.0, max_steps=6, lr=3e-3,
+                                 data=(str(BUNDLED / "sample_sft.jsonl"),), max_seq_len=128, batch_size=4))
+    out = launch(cfg, Distill())
+    kl = [json.loads(line)["kl"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(kl) == 6 and kl[0] > 0.1 and kl[-1] < 0.7 * kl[0], kl
+    assert load_model(out).config == PRESETS["tiny"]
+    assert (teacher / "model.safetensors").read_bytes() == before
+
+
+def test_reasoning_tag_weights_reach_the_loss(pretrained, tmp_path, project_tokenizer):
+    cfg = ReasonConfig(**common(tmp_path, project_tokenizer, init=str(pretrained), max_steps=4, lr=2e-3,
                                 max_seq_len=128, batch_size=4))
     out = launch(cfg, Reason())
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -164,8 +216,8 @@ def test_reasoning_tag_weights_reach_the_loss(pretrained, tmp_path, shared_data)
     (dict(num_workers=64), "64 workers"),
     (dict(preset="small"), "holds preset tiny"),
 ])
-def test_bad_input_fails_before_work(pretrained, tmp_path, shared_data, change, message):
-    base = common(tmp_path, shared_data, init=str(pretrained), max_steps=1)
+def test_bad_input_fails_before_work(pretrained, tmp_path, project_tokenizer, change, message):
+    base = common(tmp_path, project_tokenizer, init=str(pretrained), max_steps=1)
     base.update(change)
     cfg = SFTConfig(**base)
     with pytest.raises(ValueError, match=message):

@@ -1,7 +1,5 @@
 """Ray Tune sweeps on CPU: ASHA on tokens seen stops a diverging trial, the report files, the best config
 trains, an interrupted sweep resumes, and bad search spaces fail before any trial starts."""
-import gzip
-import itertools
 import json
 import time
 from pathlib import Path
@@ -18,23 +16,21 @@ TOKENS_PER_STEP = 8 * 1 * 2 * 64  # micro-batch x accumulation x workers x seque
 
 
 @pytest.fixture(scope="module")
-def poetry(shared_data, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("poetry") / "poems.jsonl"
-    with gzip.open(shared_data / "poetry" / "poems.train.jsonl.gz", "rt", encoding="utf-8") as src:
-        path.write_text("".join(itertools.islice(src, 2000)), encoding="utf-8")
-    return path
+def poetry(bundled_corpus) -> Path:
+    """The bundled sample twice over (~68k tokens, 1,370 texts)."""
+    return bundled_corpus(2)
 
 
-def base_sets(shared_data, poetry, cache, max_steps, cpus_per_worker=1.0) -> list[str]:
+def base_sets(project_tokenizer, poetry, cache, max_steps, cpus_per_worker=1.0) -> list[str]:
     # 2 workers at 1 CPU + 0.1 for the trial function: one trial at a time fits the 4-CPU test cluster with
     # CPU left for Ray Data, and a 2-CPU group leaked by a stopped trial would leave the next none.
     return ["--set", "preset=tiny", "max_seq_len=64", "batch_size=8", "accumulation_steps=1", "num_workers=2",
             f"cpus_per_worker={cpus_per_worker}", f"max_steps={max_steps}", "log_interval=1", "max_failures=0",
-            f"data={poetry}", f"tokenizer={shared_data / 'minimind'}", f"cache_dir={cache}"]
+            f"data={poetry}", f"tokenizer={project_tokenizer}", f"cache_dir={cache}"]
 
 
 @pytest.fixture(scope="module")
-def asha_sweep(ray_cluster, shared_data, poetry, tmp_path_factory) -> Path:
+def asha_sweep(ray_cluster, project_tokenizer, poetry, tmp_path_factory) -> Path:
     """lr 3e-3 runs first (max_concurrent 1, so ASHA has its rung results), then lr 1.0 diverges and is
     stopped, then lr 3.1e-3 must still get the CPUs the stopped trial held (it hung here before). 10% of the
     poems are held out and scored every 2 steps: ASHA and the ranking use that val_loss."""
@@ -42,7 +38,7 @@ def asha_sweep(ray_cluster, shared_data, poetry, tmp_path_factory) -> Path:
     return run_sweep(["--stage", "pretrain", "--param", "lr=grid:3e-3,1.0,3.1e-3", "--scheduler", "asha",
                       "--grace-tokens", str(2 * TOKENS_PER_STEP), "--max-concurrent", "1",
                       "--storage-path", str(tmp / "runs"), "--name", "asha",
-                      *base_sets(shared_data, poetry, tmp / "cache", max_steps=8), "val_fraction=0.1",
+                      *base_sets(project_tokenizer, poetry, tmp / "cache", max_steps=8), "val_fraction=0.1",
                       "eval_interval=2"])
 
 
@@ -128,6 +124,9 @@ def test_resume_restores_the_sweep_without_rerunning_trials(asha_sweep):
     (["--set", "nope=1", "--param", "lr=1e-3"], "--set 'nope=1'"),
     ([], "nothing to sweep"),
     (["--stage", "nosuchstage", "--param", "lr=1e-3"], "unknown stage"),
+    (["--experiment", "minimind-pretrain", "--trials", "bs80-acc2-nowarm-lr5e-4,nope"],
+     "minimind-pretrain has no trial 'nope'; its trials are bs80-acc2-nowarm-lr5e-4, "),
+    (["--param", "lr=1e-3", "--trials", "x"], "--trials picks named trials of an --experiment"),
 ])
 def test_bad_input_fails_before_trials(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
@@ -257,7 +256,7 @@ def test_groups_of_dead_actors_are_released_and_the_drivers_own_are_kept(ray_clu
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
-def test_a_trial_that_cannot_start_stops_the_sweep_with_a_clear_message(ray_cluster, shared_data, poetry,
+def test_a_trial_that_cannot_start_stops_the_sweep_with_a_clear_message(ray_cluster, project_tokenizer, poetry,
                                                                         tmp_path, monkeypatch):
     """Something else holds 2.5 of the cluster's 4 CPUs: the trial's 2 workers x 1 CPU never fit. Train
     would retry forever; the sweep stops after START_ATTEMPTS failed starts and frees what it reserved."""
@@ -273,7 +272,7 @@ def test_a_trial_that_cannot_start_stops_the_sweep_with_a_clear_message(ray_clus
         with pytest.raises(ValueError, match=rf"could not start: its 2 workers x \{{'CPU': 1.0\}} were not placed "
                                              r"in \d+ tries"):
             run_sweep(["--stage", "pretrain", "--param", "lr=1e-3", "--storage-path", str(tmp_path / "runs"),
-                       "--name", "stuck", *base_sets(shared_data, poetry, tmp_path / "cache", max_steps=2)])
+                       "--name", "stuck", *base_sets(project_tokenizer, poetry, tmp_path / "cache", max_steps=2)])
     finally:
         remove_placement_group(blocker)
     assert time.monotonic() - start < 150
@@ -293,8 +292,32 @@ def test_concurrency_is_sized_to_the_cluster():
         concurrency(record, {"CPU": 2})
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_the_minimind_experiment_at_a_tenth_of_its_scale(ray_cluster, project_tokenizer, poetry, tmp_path):
+    """`--experiment minimind-pretrain --scale 0.1`, shortened to two of its trials and a budget of 2 steps of
+    its reference trial: each trial trains its documented accumulation, warmup and lr with a tenth of the
+    micro-batch (80 -> 8) and sequence (512 -> 48) on the tiny model, both on the same number of tokens, so the
+    accumulation-2 trial takes twice the steps of the accumulation-4 one."""
+    acc2, acc4 = "bs80-acc2-nowarm-lr5e-4", "bs80-acc4-warm0.1-lr5e-4"
+    sweep = run_sweep(["--experiment", "minimind-pretrain", "--scale", "0.1", "--trials", f"{acc2},{acc4}",
+                       "--budget-steps", "2", "--max-concurrent", "1", "--storage-path", str(tmp_path / "runs"),
+                       "--name", "exp", "--set", "num_workers=2", "cpus_per_worker=0.5", "log_interval=1",
+                       "max_failures=0", f"data={poetry}", f"tokenizer={project_tokenizer}",
+                       f"cache_dir={tmp_path / 'cache'}"])
+    rows = {r["trial"]: r for r in json.loads((sweep / "results.json").read_text())}
+    assert set(rows) == {acc2, acc4}
+    budget = 2 * 8 * 4 * 2 * 48  # reference steps x micro-batch x accumulation x workers x sequence
+    assert json.loads((sweep / "sweep.json").read_text())["token_budget"] == budget
+    for name, acc, steps, warmup in ((acc2, 2, 4, 0.0), (acc4, 4, 2, 0.1)):
+        r = rows[name]
+        assert (r["status"], r["tokens"], r["steps"], r["effective_batch"]) == ("done", budget, steps, 8 * acc * 2)
+        assert (r["param.batch_size"], r["param.accumulation_steps"], r["param.warmup"], r["param.lr"]) == (
+            8, acc, warmup, 5e-4)
+
+
 @pytest.mark.timeout(600)
-def test_an_interrupted_sweep_resumes_where_it_stopped(shared_data, poetry, tmp_path):
+def test_an_interrupted_sweep_resumes_where_it_stopped(project_tokenizer, poetry, tmp_path):
     """The sweep's driver is killed (SIGKILL, its whole process tree: its embedded cluster too) while its
     second trial trains; --resume keeps the finished trial as it is, resumes the second from its last
     checkpoint, and writes the report and best_config.yaml."""
@@ -309,7 +332,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(shared_data, poetry, tmp_
     repo = Path(__file__).resolve().parents[1]
     argv = [sys.executable, str(repo / "tune" / "sweep.py"), "--stage", "pretrain", "--param", "lr=grid:1e-3,3e-3",
             "--max-concurrent", "1", "--storage-path", str(tmp_path / "runs"), "--name", "cut",
-            *base_sets(shared_data, poetry, tmp_path / "cache", max_steps=16, cpus_per_worker=0.5),
+            *base_sets(project_tokenizer, poetry, tmp_path / "cache", max_steps=16, cpus_per_worker=0.5),
             "save_interval=4", "keep_checkpoints=2"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "__RAY_"))}  # its own cluster
     sweep = tmp_path / "runs" / "cut"

@@ -6,8 +6,6 @@ Dedicated, started with `ray start` and ports of its own: `ray.init` gives every
 dashboard agent port 52365, so a second one on the machine (the session cluster of this very pytest run)
 leaves the newcomer without the agent that serves logs ("Agent for node id ... doesn't exist", measured).
 The head runs under `timeout`, in its own session: it ends with the test, or by itself."""
-import gzip
-import itertools
 import json
 import os
 import re
@@ -51,15 +49,13 @@ def start_head(tmp: Path) -> tuple[subprocess.Popen, str, str]:
         time.sleep(1)
 
 
-def start_sweep(tmp: Path, shared_data: Path, address: str) -> subprocess.Popen:
-    poems = tmp / "poems.jsonl"
-    with gzip.open(shared_data / "poetry" / "poems.train.jsonl.gz", "rt", encoding="utf-8") as src:
-        poems.write_text("".join(itertools.islice(src, 400)), encoding="utf-8")
+def start_sweep(tmp: Path, project_tokenizer: Path, address: str) -> subprocess.Popen:
+    poems = REPO / "minimind" / "data" / "sample_corpus.jsonl"
     cmd = [sys.executable, str(REPO / "tune" / "sweep.py"), "--dashboard", "--linger", "120",
            "--stage", "pretrain", "--param", "lr=grid:1e-3,3e-3", "--storage-path", str(tmp / "runs"),
            "--name", "dash", "--set", "preset=tiny", "max_seq_len=64", "batch_size=8", "accumulation_steps=1",
            "num_workers=2", "cpus_per_worker=0.5", "max_steps=2", "log_interval=1", "max_failures=0",
-           f"data={poems}", f"tokenizer={shared_data / 'minimind'}", f"cache_dir={tmp / 'cache'}"]
+           f"data={poems}", f"tokenizer={project_tokenizer}", f"cache_dir={tmp / 'cache'}"]
     return subprocess.Popen(cmd, cwd=tmp, env={**os.environ, **CLUSTER_ENV, "RAY_ADDRESS": address},
                             stdout=open(tmp / "sweep.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -90,11 +86,11 @@ def stop(proc: subprocess.Popen, first=signal.SIGINT) -> None:
 
 
 @pytest.mark.timeout(400)
-def test_sweep_dashboard_shows_trials_and_their_metrics(shared_data, chromium, tmp_path):  # noqa: F811
+def test_sweep_dashboard_shows_trials_and_their_metrics(project_tokenizer, chromium, tmp_path):  # noqa: F811
     head, address, dashboard = start_head(tmp_path)
     proc, browser = None, None
     try:
-        proc = start_sweep(tmp_path, shared_data, address)
+        proc = start_sweep(tmp_path, project_tokenizer, address)
         url = wait_for_line(tmp_path / "sweep.log", proc, r"Ray dashboard: (http://[\d.:]+)", 120).group(1)
         assert url == dashboard
         wait_for_line(tmp_path / "sweep.log", proc, r"the dashboard stays up", 240)  # the sweep is over

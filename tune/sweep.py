@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--scale", type=float, default=1.0,
                       help="shrink the experiment's micro-batches and sequence length by this factor (tiny "
                            "model below 1) keeping the ratios between trials")
+    what.add_argument("--trials", default="", metavar="NAME,...",
+                      help="with --experiment: run only these of its named trials (the token budget is still set "
+                           "by its reference trial, so they compare with a full run's)")
     what.add_argument("--config", metavar="FILE", help="base stage config (JSON/YAML) every trial starts from")
     what.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                       help="base config overrides, e.g. max_steps=20 preset=tiny")
@@ -203,6 +206,7 @@ def new_sweep(args, sweep_dir: Path) -> dict:
         steps = args.budget_steps if args.budget_steps is not None else (CPU_BUDGET_STEPS if args.scale < 1
                                                                           else exp.budget_steps)
         budget = steps * tokens_per_step(base.replace(**named[exp.budget_ref]))
+    named = pick_trials(named, args.trials, args.experiment)
     if args.gpus_per_trial:  # fail now if the launcher cannot share GPUs
         trial_config(base, {}, sweep_dir, "check", budget, args.gpus_per_trial)
     max_t, grace = asha_limits(args, base, space, named, budget) if args.scheduler == "asha" else (0, 0)
@@ -218,6 +222,20 @@ def new_sweep(args, sweep_dir: Path) -> dict:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def pick_trials(named: dict, wanted: str, experiment: str | None) -> dict:
+    """The named trials --trials keeps (all when it is empty), in the order given."""
+    if not wanted:
+        return named
+    if not experiment:
+        raise ValueError("--trials picks named trials of an --experiment; give --experiment")
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    unknown = [n for n in names if n not in named]
+    if unknown or not names:
+        raise ValueError(f"--trials {wanted!r}: {experiment} has no trial {unknown[0] if unknown else ''!r}; "
+                         f"its trials are {', '.join(named)}")
+    return {n: named[n] for n in dict.fromkeys(names)}
 
 
 def metric_of(base) -> str:
