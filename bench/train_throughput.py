@@ -109,7 +109,7 @@ def read_texts(path: Path, n: int) -> list[str]:
 def train_config(args, preset: str, seq: int, batch: int, work: Path, data: Path) -> TrainConfig:
     gpu = args.device == "cuda"
     return TrainConfig(
-        preset=preset, data=(str(data),), tokenizer=str(TOKENIZER_DIR), out=str(work / f"out-{preset}-{seq}"),
+        preset=preset, data=(str(data),), tokenizer=args.tokenizer, out=str(work / f"out-{preset}-{seq}"),
         profile="4090" if gpu else "cpu", num_workers=1, cpus_per_worker=args.threads if not gpu else 1,
         batch_size=batch, accumulation_steps=1, max_steps=args.steps, max_seq_len=seq, pack=True,
         lr=5e-4, warmup=0.0, log_interval=args.log_interval, save_interval=0, max_failures=0,
@@ -190,11 +190,11 @@ class NaivePretrainDataset(torch.utils.data.Dataset):
 
 
 def run_naive(preset: str, seq: int, steps: int, warmup: int, device: torch.device, data: Path,
-              loader_workers: int) -> dict:
+              loader_workers: int, tokenizer_dir: str) -> dict:
     from transformers import AutoTokenizer
 
     from minimind.model import MiniMind
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     # seq + 1 tokens per row, so the model sees seq positions, like the real path. Loading is not timed.
     dataset = NaivePretrainDataset(read_texts(data, NAIVE_BATCH_SIZE * steps), tokenizer, seq + 1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=NAIVE_BATCH_SIZE, shuffle=True, drop_last=True,
@@ -276,7 +276,8 @@ def bench_one(args, preset: str, seq: int, work: Path, data: Path) -> list[dict]
         r = run_replica(cfg.replace(run_name="replica"), prepared, device, args.warmup_steps)
         rows.append({**common, "path": "replica", "batch_size": batch, **r, "padding_fraction": packed_padding})
     if "naive" in args.paths:
-        r = run_naive(preset, seq, args.steps, args.warmup_steps, device, data, args.loader_workers)
+        r = run_naive(preset, seq, args.steps, args.warmup_steps, device, data, args.loader_workers,
+                      args.tokenizer)
         rows.append({**common, "path": "naive", **r})
     by_path = {r["path"]: r for r in rows}
     for r in rows:
@@ -325,6 +326,7 @@ def parse_args(argv=None):
                         f"on CPU the naive batch, {NAIVE_BATCH_SIZE})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data", default=str(DATA / "poetry" / "poems.train.jsonl.gz"))
+    p.add_argument("--tokenizer", default=str(TOKENIZER_DIR), help="tokenizer directory (MiniMind's by default)")
     p.add_argument("--max-docs", type=int, default=0, help="use only the first N documents (0: all)")
     p.add_argument("--paths", default="ray,replica,naive", help="which of ray, replica, naive to run")
     p.add_argument("--threads", type=int, default=1,

@@ -116,20 +116,29 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, use_cache: bo
 
 @dataclass
 class TextStream:
-    """Turns a stream of byte-level BPE ids into text pieces without splitting a UTF-8 character."""
+    """Turns a stream of byte-level BPE ids into text pieces without splitting a UTF-8 character.
+
+    Incremental: each token decodes a short window, not the whole output (which made a long output quadratic).
+    The window starts at `start`, a token boundary before the last emitted piece; `end` marks where the emitted
+    text stops. Bytes of a character cut by the window's start decode the same way in both decodes below, so
+    their difference is exactly the new text.
+    """
     tokenizer: object
     ids: list[int] = field(default_factory=list)
-    emitted: int = 0
+    start: int = 0   # first id of the decode window
+    end: int = 0     # ids up to here are emitted
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+        done = self.tokenizer.decode(self.ids[self.start:self.end])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if text.endswith("\ufffd") or len(text) <= len(done):  # an incomplete character: wait for its bytes
             return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        self.start, self.end = self.end, len(self.ids)
+        return text[len(done):]
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        done = self.tokenizer.decode(self.ids[self.start:self.end])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        self.start = self.end = len(self.ids)
+        return text[len(done):]

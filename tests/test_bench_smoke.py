@@ -8,7 +8,8 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench" / "train_throughput.py"
 
 
 def test_train_throughput_quick_cpu(ray_cluster, project_tokenizer, tmp_path):
@@ -17,7 +18,9 @@ def test_train_throughput_quick_cpu(ray_cluster, project_tokenizer, tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "result.json"
     bench.main(["--quick", "--device", "cpu", "--steps", "4", "--warmup-steps", "2", "--max-docs", "1000",
-                "--loader-workers", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+                "--loader-workers", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+                "--data", str(REPO / "minimind" / "data" / "sample_corpus.jsonl"),
+                "--tokenizer", str(project_tokenizer)])
     result = json.loads(out.read_text())
     assert {"command", "device", "torch", "flops_per_token_formula", "results"} <= set(result)
     rows = {r["path"]: r for r in result["results"]}

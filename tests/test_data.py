@@ -258,7 +258,7 @@ def _run_trainer(storage: Path, name: str, prepared, out: Path, epochs: int, bat
 
 @pytest.mark.timeout(240)
 def test_train_workers_see_each_row_once_per_epoch_and_replay_exactly(ray_cluster, tok, poems, tmp_path):
-    prepared = prepare_dataset(DataSpec((str(poems),), "pretrain", 32), tok, tmp_path / "cache",
+    prepared = prepare_dataset(DataSpec((str(poems),), "pretrain", 64), tok, tmp_path / "cache",
                                rows_per_shard=100)
     batch, epochs = 8, 2
     steps = steps_per_epoch(prepared, batch, 2)

@@ -194,7 +194,7 @@ CLUSTER_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }
 
-STEPS, SAVE_EVERY = 40, 8
+STEPS, SAVE_EVERY = 32, 8
 # 1.5 CPUs per Train worker: one fits on a 2-CPU worker node, none on the 1-CPU head, so the two workers
 # must sit on two different worker nodes (Ray Train packs by default). The head's CPU and the spare half
 # CPUs run Ray Data. The third worker node is the spare that takes over when one is killed.

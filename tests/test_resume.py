@@ -100,23 +100,6 @@ def _steps_of(checkpoints: list[Path]) -> list[int]:
     return [json.loads((c / "trainer_state.json").read_text())["step"] for c in checkpoints]
 
 
-def test_killed_worker_restores_and_matches_uninterrupted_run(uninterrupted, project_tokenizer, corpus, tmp_path):
-    cfg = config(tmp_path, project_tokenizer, corpus, max_failures=2, run_name="killed")
-    killed: list = []
-    killer = threading.Thread(target=_kill_after_each_new_checkpoint,
-                              args=(tmp_path / "ray" / "killed", 1, killed), daemon=True)
-    killer.start()
-    out = launch(cfg, Pretrain())
-    killer.join(timeout=5)
-    assert killed, "no worker was killed: the run ended before its first checkpoint"
-    resumed = log_of(out)
-    assert sorted(resumed) == list(range(1, 25))  # every step exactly once, and the right count
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["step"] == 24 and state["restored_from"] == [killed[0][1]]  # restored what was committed
-    for step, loss in uninterrupted.items():
-        assert resumed[step] == loss, step
-
-
 def test_resume_by_hand_from_a_checkpoint(uninterrupted_run, uninterrupted, project_tokenizer, corpus, tmp_path):
     ckpts = sorted(p for p in (uninterrupted_run / "ray" / "clean").glob("checkpoint_*") if p.is_dir())
     assert _steps_of(ckpts) == [18, 24]  # 4 were saved (every 6 steps); --keep-checkpoints 2 keeps the last 2
@@ -131,9 +114,11 @@ def test_resume_by_hand_from_a_checkpoint(uninterrupted_run, uninterrupted, proj
 
 def test_the_failure_past_max_failures_ends_the_run_and_its_name_resumes_it(uninterrupted, project_tokenizer,
                                                                              corpus, tmp_path):
-    """--max-failures 1: the first killed worker is survived (restored from a checkpoint), the second ends the
-    run with Ray's error; the same command again (same --run-name) restores the last committed checkpoint and
-    finishes with the uninterrupted run's losses."""
+    """--max-failures 1: the first killed worker is survived (a new worker group restores the last committed
+    checkpoint and trains on), the second ends the run with Ray's error; the same command again (same
+    --run-name) restores the checkpoint the second group committed and finishes. Every step is logged once, and
+    each of the three pieces (before the first kill, after it, after the relaunch) has the uninterrupted run's
+    losses bit for bit."""
     from ray.train import TrainingFailedError
     cfg = config(tmp_path, project_tokenizer, corpus, max_failures=1, run_name="twice")
     run_dir = tmp_path / "ray" / "twice"
@@ -153,22 +138,29 @@ def test_the_failure_past_max_failures_ends_the_run_and_its_name_resumes_it(unin
     # The second group restored `first` (the survived failure) and saved `last`; the new launch restored that.
     assert state["step"] == 24 and state["restored_from"] == [first, last]
     log = log_of(out)
-    assert sorted(log) == list(range(1, 25))
-    for step in range(last + 1, 25):
-        assert log[step] == uninterrupted[step], step
+    assert sorted(log) == list(range(1, 25))  # every step exactly once, and the right count
+    for step, loss in uninterrupted.items():
+        assert log[step] == loss, step
 
 
-def test_zero_shards_restore_after_a_killed_worker(uninterrupted, project_tokenizer, corpus, tmp_path):
-    """ZeRO-2 on 2 workers, one killed after the first checkpoint: the replacement group loads every rank's
-    optimizer shard and the run ends with the losses of the uninterrupted DDP run (same batches, same loop;
-    ZeRO reduces in another order, hence the float32 tolerance below)."""
-    cfg = config(tmp_path, project_tokenizer, corpus, zero_stage=2, max_failures=1, run_name="zero")
+@pytest.fixture(scope="module")
+def zero_run(uninterrupted, project_tokenizer, corpus, tmp_path_factory):
+    """ZeRO-2 on 2 workers, the uninterrupted run's config, one worker killed after the first checkpoint."""
+    tmp = tmp_path_factory.mktemp("zero")
+    cfg = config(tmp, project_tokenizer, corpus, zero_stage=2, max_failures=1, run_name="zero")
     killed: list = []
-    killer = threading.Thread(target=_kill_after_each_new_checkpoint, args=(tmp_path / "ray" / "zero", 1, killed),
+    killer = threading.Thread(target=_kill_after_each_new_checkpoint, args=(tmp / "ray" / "zero", 1, killed),
                               daemon=True)
     killer.start()
     out = launch(cfg, Pretrain())
     killer.join(timeout=5)
+    return out, killed
+
+
+def test_zero_shards_restore_after_a_killed_worker(zero_run, uninterrupted):
+    """The replacement group loads every rank's optimizer shard and the run ends with the losses of the
+    uninterrupted DDP run (same batches, same loop; ZeRO reduces in another order, hence ZERO_VS_DDP)."""
+    out, killed = zero_run
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["step"] == 24 and state["restored_from"] == [killed[0][1]]  # from the shards committed
@@ -179,3 +171,37 @@ def test_zero_shards_restore_after_a_killed_worker(uninterrupted, project_tokeni
     assert sorted(log) == list(range(1, 25))
     gaps = {step: abs(log[step] - loss) for step, loss in uninterrupted.items()}
     assert max(gaps.values()) < ZERO_VS_DDP, gaps
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling this runs `touch marker`
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_zero_resume_is_weights_only_and_continues(zero_run, project_tokenizer, corpus, tmp_path):
+    """A planted pickle in one rank's optimizer shard stops the resume at once (no retry) and runs nothing;
+    the untouched checkpoint resumes where it stopped."""
+    import shutil
+
+    import torch
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(json.loads((zero_run[0] / "run.json").read_text())["checkpoint"], ckpt)
+    shard = next((ckpt / "deepspeed" / "state").glob("*rank_1_*optim_states.pt"))
+    kept, marker = tmp_path / "kept.pt", tmp_path / "pwned"
+    shutil.copy2(shard, kept)
+    torch.save({"optimizer_state_dict": _Payload(marker)}, shard)
+
+    def resumed(name):
+        return config(tmp_path / name, project_tokenizer, corpus, zero_stage=2, max_failures=1, max_steps=26,
+                      resume=str(ckpt))
+    with pytest.raises(ValueError, match=rf"stopped without retrying: .*{shard.name}: refused to load"):
+        launch(resumed("planted"), Pretrain())
+    assert not marker.exists()
+
+    shutil.copy2(kept, shard)
+    again = launch(resumed("again"), Pretrain())
+    assert json.loads((again / "trainer_state.json").read_text())["restored_from"][-1] == 24
+    assert sorted(log_of(again)) == list(range(1, 27))

@@ -448,3 +448,37 @@ def test_token_char_counts_sum_to_text_length(any_tok):
         assert int(counts[ids].sum()) == len(text), text
     # Some token really does split a character over several tokens (the case lead bytes are counted for).
     assert any(c == 0 for c in counts[[i for i in any_tok.encode_plain("👍🏽") if i not in any_tok.special_ids]])
+
+
+def test_text_stream_pieces_join_to_the_full_decode(trained):
+    """The incremental detokenizer: over any id sequence (whole characters, characters cut into byte tokens,
+    invalid bytes, special tokens), the pieces it emits join to the decode of all ids, no piece ends inside a
+    character, and each push decodes a bounded window (not the whole output)."""
+    import random
+
+    from minimind.generate import TextStream
+    text = "床前明月光，疑是地上霜。Hello, world! 😀 ok\n" * 3
+    byte_ids = [trained.token_to_id(ch) for ch in "".join(
+        __import__("tokenizers").pre_tokenizers.ByteLevel.alphabet())][:256]
+    cases = [trained.encode(text), [trained.bos_id] + trained.encode(text) + [trained.eos_id]]
+    rng = random.Random(0)
+    for _ in range(30):
+        cases.append([rng.choice(byte_ids) if rng.random() < 0.5 else rng.randrange(trained.vocab_size)
+                      for _ in range(rng.randrange(1, 80))])
+    for ids in cases:
+        stream = TextStream(trained)
+        pieces = [stream.push(i) for i in ids]
+        assert "".join(pieces) + stream.flush() == trained.decode(ids)
+        assert not any(p.endswith("\ufffd") for p in pieces)
+
+    class Counting:
+        """The trained tokenizer, counting the ids each decode is given."""
+        decoded = 0
+
+        def decode(self, ids):
+            Counting.decoded += len(ids)
+            return trained.decode(ids)
+    ids = trained.encode(text * 20)
+    stream = TextStream(Counting())
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == trained.decode(ids)
+    assert Counting.decoded < 8 * len(ids)  # linear; decoding the whole output per token is len(ids)**2 / 2
