@@ -242,14 +242,16 @@ def _run_trainer(storage: Path, name: str, prepared, out: Path, epochs: int, bat
         rank = ray.train.get_context().get_world_rank()
         seen = []
         for b in iter_train_batches(config["batch"], epochs=config["epochs"], seed=3, skip_batches=config["skip"]):
-            assert b["input_ids"].shape == (config["batch"], 33) and b["loss_mask"].shape == (config["batch"], 33)
+            shape = (config["batch"], config["row_len"])
+            assert b["input_ids"].shape == shape and b["loss_mask"].shape == shape
             seen.append(b["row_id"].tolist())
         with open(f"{config['out']}/rank{rank}.json", "w") as f:
             json_.dump(seen, f)
         ray.train.report({"batches": len(seen)})
 
     datasets, dataset_config = train_datasets(prepared, 2, epochs, seed=3)
-    TorchTrainer(train_fn, train_loop_config={"batch": batch, "epochs": epochs, "skip": skip, "out": str(out)},
+    TorchTrainer(train_fn, train_loop_config={"batch": batch, "epochs": epochs, "skip": skip, "out": str(out),
+                                              "row_len": prepared.manifest["row_len"]},
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                  run_config=RunConfig(storage_path=str(storage), name=name),
                  datasets=datasets, dataset_config=dataset_config).fit()
