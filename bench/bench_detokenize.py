@@ -111,7 +111,8 @@ def main(argv=None):
     from minimind.configcli import parse_config
     cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0], prog="bench/bench_detokenize.py")
     tok, source = load_tokenizer(cfg.tokenizer)
-    text = (REPO / "minimind" / "data" / "sample_corpus.jsonl").read_text(encoding="utf-8")
+    from cluster.config import BUNDLED_DATA
+    text = (BUNDLED_DATA / "sample_corpus.jsonl").read_text(encoding="utf-8")
     ids = tok.encode(text)
     while len(ids) < max(cfg.lengths):
         ids += ids

@@ -130,15 +130,18 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        done = self.tokenizer.decode(self.ids[self.start:self.end])
-        text = self.tokenizer.decode(self.ids[self.start:])
+        done, text = self._window()
         if text.endswith("\ufffd") or len(text) <= len(done):  # an incomplete character: wait for its bytes
             return ""
         self.start, self.end = self.end, len(self.ids)
         return text[len(done):]
 
     def flush(self) -> str:
-        done = self.tokenizer.decode(self.ids[self.start:self.end])
-        text = self.tokenizer.decode(self.ids[self.start:])
+        done, text = self._window()
         self.start = self.end = len(self.ids)
         return text[len(done):]
+
+    def _window(self) -> tuple[str, str]:
+        """(the window's emitted part, the whole window), decoded."""
+        return (self.tokenizer.decode(self.ids[self.start:self.end]),
+                self.tokenizer.decode(self.ids[self.start:]))

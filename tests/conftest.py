@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 import cluster  # noqa: F401,E402  (sets Ray's loopback switches before anything imports ray)
+from cluster.config import BUNDLED_DATA
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-BUNDLED = REPO_ROOT / "minimind" / "data"  # the samples the project ships: every Ray test runs on these
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +40,7 @@ def bundled_corpus(tmp_path_factory):
     `copies` times over, each copy in its own fixed shuffled order, for runs that need more tokens than it has.
     A copy count gives the same file every time (runs that share a tokenised cache rely on it)."""
     import random
-    lines = [line for line in (BUNDLED / "sample_corpus.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    lines = [line for line in (BUNDLED_DATA / "sample_corpus.jsonl").read_text(encoding="utf-8").splitlines() if line]
     made: dict[int, Path] = {}
 
     def make(copies: int = 1) -> Path:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.config import BUNDLED_DATA
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +21,7 @@ def test_train_throughput_quick_cpu(ray_cluster, project_tokenizer, tmp_path):
     out = tmp_path / "result.json"
     bench.main(["--quick", "--device", "cpu", "--steps", "4", "--warmup-steps", "2", "--max-docs", "1000",
                 "--loader-workers", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out),
-                "--data", str(REPO / "minimind" / "data" / "sample_corpus.jsonl"),
+                "--data", str(BUNDLED_DATA / "sample_corpus.jsonl"),
                 "--tokenizer", str(project_tokenizer)])
     result = json.loads(out.read_text())
     assert {"command", "device", "torch", "flops_per_token_formula", "results"} <= set(result)
@@ -44,7 +46,7 @@ def test_serve_bench_tiny_without_http(project_tokenizer, tmp_path):
     out = tmp_path / "serve.json"
     bench.main(["--preset", "tiny", "--concurrency", "1", "2", "--max-tokens", "6", "--rounds", "1",
                 "--no-serve", "--tokenizer", str(project_tokenizer),
-                "--prompts", str(REPO / "minimind" / "data" / "sample_sft.jsonl"), "--out", str(out)])
+                "--prompts", str(BUNDLED_DATA / "sample_sft.jsonl"), "--out", str(out)])
     result = json.loads(out.read_text())
     got = {(r["system"], r["concurrency"]) for r in result["rows"]}
     assert got == {("hf", 1), ("engine", 1), ("engine-nokv", 1), ("hf-batch", 2), ("engine", 2), ("engine-nokv", 2)}

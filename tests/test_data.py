@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import cluster.data as data
+from cluster.config import BUNDLED_DATA
 from cluster.data import (DataSpec, iter_local_batches, iter_records, plan_epoch, prepare_dataset,
                           resolve_paths, steps_per_epoch)
 from minimind.tokenizer import Tokenizer
 
-BUNDLED = Path(__file__).resolve().parents[1] / "minimind" / "data"
+BUNDLED = BUNDLED_DATA
 
 
 @pytest.fixture(scope="module")
@@ -444,18 +445,21 @@ def test_prepare_script_writes_the_cache_the_stage_then_reads(ray_cluster, proje
     """`python stages/prepare.py --stage sft ... --val-fraction 0.1` end to end (joined to the test cluster):
     it prints both splits, which together hold every record once; the SFT stage given the same flags and
     `--cache-dir` resolves to exactly those caches and finds them complete, so it tokenises nothing again."""
+    import os
+    import re
     import subprocess
     import sys
 
     from cluster.launcher import prepare_data
     from stages.sft import SFT, SFTConfig
     data, cache = BUNDLED / "sample_sft.jsonl", tmp_path / "cache"
-    env = {**__import__("os").environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     done = subprocess.run([sys.executable, "stages/prepare.py", "--stage", "sft", "--data", str(data),
                            "--out", str(cache), "--tokenizer", str(project_tokenizer), "--val-fraction", "0.1"],
                           cwd=BUNDLED.parents[1], env=env, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
-    printed = json.loads("[" + done.stdout.replace("}\n{", "},\n{") + "]")
+    # One indented JSON object per split, each opening at the start of a line.
+    printed = [json.loads(part) for part in re.split(r"(?m)^(?=\{)", done.stdout) if part.strip()]
     assert [p["split"] for p in printed] == ["train", "val"]
     assert sum(p["records"] for p in printed) == 200 and all(p["records"] for p in printed)
     assert printed[0]["max_seq_len"] == SFTConfig().max_seq_len

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import TrainConfig
+from cluster.config import BUNDLED_DATA as BUNDLED, TrainConfig
 from cluster.launcher import launch
 from minimind.checkpoint import load_model, read_weights, save_checkpoint
 from minimind.config import PRESETS
@@ -17,8 +17,6 @@ from stages.lora import LoRA, LoRAConfig
 from stages.pretrain import Pretrain
 from stages.reason import Reason, ReasonConfig
 from stages.sft import SFT, SFTConfig
-
-BUNDLED = Path(__file__).resolve().parents[1] / "minimind" / "data"  # the samples the project ships
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 

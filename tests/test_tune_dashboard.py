@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cluster.config import BUNDLED_DATA
 from test_multinode import CLUSTER_ENV, RAY, free_ports
 from test_serve import Browser, chromium  # noqa: F401  (the Chromium driver and its fixture)
 
@@ -50,7 +51,7 @@ def start_head(tmp: Path) -> tuple[subprocess.Popen, str, str]:
 
 
 def start_sweep(tmp: Path, project_tokenizer: Path, address: str) -> subprocess.Popen:
-    poems = REPO / "minimind" / "data" / "sample_corpus.jsonl"
+    poems = BUNDLED_DATA / "sample_corpus.jsonl"
     cmd = [sys.executable, str(REPO / "tune" / "sweep.py"), "--dashboard", "--linger", "120",
            "--stage", "pretrain", "--param", "lr=grid:1e-3,3e-3", "--storage-path", str(tmp / "runs"),
            "--name", "dash", "--set", "preset=tiny", "max_seq_len=64", "batch_size=8", "accumulation_steps=1",
