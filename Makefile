@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean llama-cpp
 venv: .venv/.installed
 
 # torch first (pinned; here pip takes the CPU wheel on disk), then deepspeed without build isolation and
@@ -16,6 +16,12 @@ venv: .venv/.installed
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	$(PIP) install -q -e '.[dev]'
 	touch $@
+
+# llama.cpp's Python binding, built from its PyPI source package with the system cmake and compiler (about 7
+# minutes on 2 cores). An extra: the GGUF tests run the exported files in it, and skip without it outside CI;
+# .ci/run installs it before the tests.
+llama-cpp: venv
+	$(PY) -c 'import llama_cpp' 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q llama-cpp-python==0.3.36
 
 demo: venv
 	$(PY) stages/pretrain.py

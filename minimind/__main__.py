@@ -1,10 +1,11 @@
-"""`python -m minimind {new,info,generate,convert}`: checkpoint tools for users.
+"""`python -m minimind {new,info,generate,convert,merge-lora,export}`: checkpoint tools for users.
 
   new       write a freshly initialised checkpoint directory (with a tokenizer)
   info      verify a checkpoint (config, safetensors, no pickles) and print preset, parameters, files
   generate  stream a completion (or a chat reply with --chat) to the terminal
   convert   turn an original MiniMind .pth state dict into a checkpoint directory
-  merge-lora  fold a LoRA adapter (adapter_config.json + adapter_model.safetensors) into a base checkpoint
+  merge-lora  fold a LoRA adapter (PEFT format, or this project's earlier one) into a base checkpoint
+  export    write a checkpoint as a GGUF file (llama.cpp) or an Ollama folder (model.gguf + Modelfile)
 """
 from __future__ import annotations
 
@@ -104,6 +105,23 @@ def cmd_merge_lora(args):
     print(f"wrote {args.out}: {args.base} + adapter {args.adapter}")
 
 
+def cmd_export(args):
+    from .export import export_gguf, export_ollama
+    try:
+        if args.format == "gguf":
+            summary = export_gguf(args.dir, args.out, args.dtype)
+        else:
+            summary = export_ollama(args.dir, args.out, args.dtype)
+    except ModuleNotFoundError as e:  # no gguf package: a message, not a traceback
+        raise ValueError(str(e)) from e
+    print(f"wrote {summary['path']}: {summary['arch']} {summary['dtype']}, {summary['tensors']} tensors, "
+          f"{summary['bytes']:,} bytes in {summary['seconds']:.1f} s"
+          + (f"; f16 instead of q8_0 (rows not a multiple of 32): {', '.join(summary['f16_fallbacks'])}"
+             if summary["f16_fallbacks"] else ""))
+    if "modelfile" in summary:
+        print(f"wrote {summary['modelfile']}; then: ollama create NAME -f {summary['modelfile']}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minimind", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +158,17 @@ def main(argv=None):
     p.add_argument("adapter", help="directory with adapter_config.json and adapter_model.safetensors")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_merge_lora)
+    from .export import DTYPE_HELP, FORMATS
+    p = sub.add_parser("export", help="write a checkpoint as GGUF (llama.cpp) or an Ollama model folder",
+                       description="Export a checkpoint directory. --format gguf writes one .gguf file (llama "
+                                   "arch; MoE as deepseek only when its math is exactly ours: norm_topk_prob=false "
+                                   "or top-1 routing, see minimind/export.py); "
+                                   "--format ollama writes OUT/model.gguf and OUT/Modelfile.")
+    p.add_argument("dir", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--format", default="gguf", choices=FORMATS)
+    p.add_argument("--out", required=True, help="the .gguf file (gguf) or the folder to write (ollama)")
+    p.add_argument("--dtype", default="f32", help=DTYPE_HELP)
+    p.set_defaults(fn=cmd_export)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

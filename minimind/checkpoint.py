@@ -2,8 +2,11 @@
 
 A checkpoint directory holds:
   config.json             Llama config for dense models (`model_type: llama`, tied embeddings, rope theta),
-                          `model_type: minimind_moe` for MoE models (no transformers class reads those);
-                          both carry our full `ModelConfig` under the key "minimind".
+                          `model_type: minimind_moe` for MoE models, whose `auto_map` names the remote code
+                          below; both carry our full `ModelConfig` under the key "minimind".
+  configuration_minimind_moe.py, modeling_minimind_moe.py
+                          MoE only: the model in transformers' terms (copied from minimind/hf_remote), so
+                          `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` reads the checkpoint.
   model.safetensors       weights; the tied LM head is stored once, as `model.embed_tokens.weight`.
   generation_config.json  bos/eos/pad ids and default sampling.
   tokenizer.json, tokenizer_config.json   when a tokenizer is given.
@@ -34,6 +37,9 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# MoE checkpoints carry their transformers classes as remote code (minimind/hf_remote).
+MOE_AUTO_MAP = {"AutoConfig": "configuration_minimind_moe.MiniMindMoEConfig",
+                "AutoModelForCausalLM": "modeling_minimind_moe.MiniMindMoEForCausalLM"}
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -63,6 +69,16 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "dtype": dtype_name,
         "minimind": {"preset": cfg.preset_name(), **cfg.to_dict()},
     }
+    if cfg.is_moe:
+        out.update({
+            "auto_map": dict(MOE_AUTO_MAP),
+            "num_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "num_shared_experts": cfg.num_shared_experts,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "aux_loss_alpha": cfg.aux_loss_alpha,
+            "use_cache": True,
+        })
     return out
 
 
@@ -101,6 +117,10 @@ def save_checkpoint(model: MiniMind, out_dir, tokenizer=None, dtype: torch.dtype
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _write_json(tmp / CONFIG, hf_config(model.config, dtype))
         _write_json(tmp / GENERATION_CONFIG, generation_config())
+        if model.config.is_moe:
+            from .hf_remote import FILES, SOURCE_DIR
+            for name in FILES:
+                shutil.copyfile(SOURCE_DIR / name, tmp / name)
         if tokenizer is not None:
             tokenizer.save(tmp)
         for name, obj in (extra_files or {}).items():
@@ -130,6 +150,8 @@ def _swap_into_place(tmp: Path, out: Path):
 HF_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
              "rope_theta", "tie_word_embeddings")
+# The MoE fields the remote code reads; a MoE checkpoint written before it carried remote code lacks them.
+MOE_HF_FIELDS = ("num_experts", "num_experts_per_tok", "num_shared_experts", "norm_topk_prob")
 
 
 def load_config(ckpt_dir) -> ModelConfig:
@@ -164,6 +186,10 @@ def _check_hf_fields_agree(raw: dict, cfg: ModelConfig, path: Path) -> None:
         if key not in raw:
             raise ValueError(f"{path}: top-level {key} is missing (the \"minimind\" block implies {want[key]!r})")
         if raw[key] != want[key]:
+            raise ValueError(f"{path}: top-level {key} is {raw[key]!r} but the \"minimind\" block implies "
+                             f"{want[key]!r}; the two must agree (transformers reads the top level)")
+    for key in MOE_HF_FIELDS if cfg.is_moe else ():
+        if key in raw and raw[key] != want[key]:
             raise ValueError(f"{path}: top-level {key} is {raw[key]!r} but the \"minimind\" block implies "
                              f"{want[key]!r}; the two must agree (transformers reads the top level)")
     theta = raw.get("rope_parameters", {}).get("rope_theta", cfg.rope_theta)

@@ -1,14 +1,18 @@
 """Autoregressive generation with a preallocated KV cache, and the sampling rules it uses.
 
 `stream_generate` yields token ids one by one (a streaming iterator); `generate` collects them.
-`process_logits` / `sample_token` are shared with the serving engine, which batches many requests.
+`process_rows` / `sample_rows` are the sampling rules for a batch of rows, each with its own parameters; the
+serving engine calls them once per step for all its requests, `generate` with a batch of one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
+
+
+NUCLEUS_HEAD = 64  # tokens ranked by topk before a row falls back to a full sort (see process_rows)
 
 
 @dataclass
@@ -37,38 +41,101 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
 
 
+def process_rows(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.Tensor | None = None,
+                 generated: torch.Tensor | None = None) -> torch.Tensor:
+    """Penalties, temperature, top-k and top-p for a batch of rows at once. Returns fp32 logits (B, V), -inf
+    where a row may not sample.
+
+    logits: (B, V); params: one per row; seen: (B, V) bool, the tokens of each row's prompt and output (for
+    repetition_penalty); generated: (B, V) bool, its output only (for presence_penalty). One sort serves
+    top-k and top-p of every row; a row whose setting is off is left as it is, bit for bit.
+    """
+    logits = logits.float()
+    B, V = logits.shape
+    dev = logits.device
+    rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]     # (B, 1)
+    if seen is not None and bool((rep != 1.0).any()):
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen & (rep != 1.0), penalised, logits)
+    presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]  # (B, 1)
+    if generated is not None and bool(presence.any()):
+        logits = logits - generated * presence
+    temperature = torch.tensor([p.temperature for p in params], device=dev)[:, None]   # (B, 1)
+    sampled = temperature > 0
+    if not bool(sampled.any()):
+        return logits
+    logits = torch.where(sampled, logits / torch.where(sampled, temperature, 1.0), logits)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else 0 for p in params], device=dev)[:, None]
+    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+    cut_k, cut_p = sampled & (top_k > 0), sampled & (top_p < 1.0)
+    if not bool((cut_k | cut_p).any()):
+        return logits
+    # The kept tokens are a short head of each row: rank the top NUCLEUS_HEAD (or top-k) tokens with topk,
+    # a fraction of a full sort's cost, and sort whole rows only when their nucleus reaches past that head.
+    head = min(V, max(NUCLEUS_HEAD, int(top_k.max())))
+    ranked, order = logits.topk(head, dim=-1)                                            # (B, head) descending
+    kth = ranked.gather(1, (top_k - 1).clamp(min=0))                                     # (B, 1)
+    keep_k = ~cut_k | (logits >= kth)      # ties with the k-th value stay, as with a per-row threshold
+    allowed = logits.masked_fill(~keep_k, float("-inf"))
+    ranked = ranked.masked_fill(cut_k & (ranked < kth), float("-inf"))
+    probs = (ranked - allowed.logsumexp(-1, keepdim=True)).exp()                           # (B, head)
+    before = probs.cumsum(-1) - probs      # probability of the tokens ranked above each one
+    # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
+    drop = cut_p & (before > top_p)
+    keep = keep_k & ~cut_p
+    keep |= torch.zeros_like(keep).scatter(1, order, ~drop & (ranked > float("-inf"))) & cut_p
+    # A row whose head ends inside its nucleus (every head token kept, top-p on) needs its whole ranking.
+    spill = (cut_p & ~drop[:, -1:] & (head < V))[:, 0]
+    if bool(spill.any()):
+        rows = spill.nonzero()[:, 0]
+        full, full_order = allowed[rows].sort(-1, descending=True)
+        p_full = full.softmax(-1)
+        full_drop = (p_full.cumsum(-1) - p_full > top_p[rows]) | (full == float("-inf"))
+        keep[rows] = torch.zeros_like(full_drop).scatter(1, full_order, ~full_drop)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row of processed logits (B, V): argmax for greedy rows, else an inverse-CDF draw.
+
+    Each sampled row draws one uniform number from its own generator (or the global one when unseeded), so a
+    seeded request gets the same tokens whatever else shares its batch.
+    """
+    B, V = logits.shape
+    picked = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return picked.tolist()
+    rows = torch.tensor(sampled, device=logits.device)
+    cdf = logits[rows].softmax(-1).cumsum(-1)                                           # (b, V)
+    total = cdf[:, -1:]
+    u = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in sampled])
+    # Strictly below the total, so `right=True` lands on a token of positive probability.
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    picked[rows] = torch.searchsorted(cdf, x, right=True)[:, 0].clamp(max=V - 1)
+    return picked.tolist()
+
+
+def token_mask(vocab_size: int, ids: torch.Tensor | Sequence[int], device=None) -> torch.Tensor:
+    """(V,) bool, True at `ids`."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[torch.as_tensor(ids, dtype=torch.long, device=device)] = True
+    return mask
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor,
                    output_ids: torch.Tensor) -> torch.Tensor:
-    """Apply penalties, temperature, top-k and top-p to one row of logits (V,). Returns fp32 logits."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0:
-        seen = torch.cat([prompt_ids, output_ids]).unique()
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
-                                   picked * params.repetition_penalty)
-    if params.presence_penalty and output_ids.numel():
-        logits[output_ids.unique()] -= params.presence_penalty
-    if params.temperature <= 0:
-        return logits
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.numel():
-        kth = logits.topk(params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
-        drop = probs.cumsum(-1) - probs > params.top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
+    """`process_rows` for one row of logits (V,), given the prompt's and the output's ids."""
+    V = logits.shape[-1]
+    generated = token_mask(V, output_ids, logits.device)
+    seen = generated | token_mask(V, prompt_ids, logits.device)
+    return process_rows(logits[None], [params], seen[None], generated[None])[0]
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """Pick the next token from processed logits (V,)."""
-    if params.temperature <= 0:
-        return int(logits.argmax())
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return sample_rows(logits[None], [params], [generator])[0]
 
 
 def make_generator(params: SamplingParams, device) -> torch.Generator | None:
@@ -97,15 +164,19 @@ def stream_generate(model, prompt_ids: list[int], params: SamplingParams, use_ca
     prompt = torch.tensor(prompt_ids, device=device)
     output = torch.empty(0, dtype=torch.long, device=device)
     generator = make_generator(params, device)
+    V = model.config.vocab_size
+    generated = token_mask(V, [], device)[None]                   # (1, V)
+    seen = token_mask(V, prompt, device)[None]
     stops = set(params.stop_ids)
     cache = model.new_cache(1, len(prompt_ids) + max_new) if use_cache else None
     step_input = prompt[None]
     for _ in range(max_new):
         logits = model(step_input, cache=cache, last_only=True).logits[0, -1]
-        token = sample_token(process_logits(logits, params, prompt, output), params, generator)
+        token = sample_rows(process_rows(logits[None], [params], seen, generated), [params], [generator])[0]
         if token in stops:
             return
         yield token
+        seen[0, token] = generated[0, token] = True
         output = torch.cat([output, output.new_tensor([token])])
         step_input = output[-1:][None] if use_cache else torch.cat([prompt, output])[None]
 

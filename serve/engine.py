@@ -32,7 +32,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-from minimind.generate import SamplingParams, TextStream, make_generator, process_logits, sample_token
+from minimind.generate import SamplingParams, TextStream, make_generator, process_rows, sample_rows, token_mask
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,19 @@ class Request:
     """Scheduler-side state of one generation. Only the scheduler thread mutates it, except `cancelled`."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, stop: Sequence[str], stop_ids: set[int],
-                 tokenizer, emit: Callable[[Delta], None], device):
+                 tokenizer, emit: Callable[[Delta], None], device, vocab_size: int | None = None):
         self.prompt, self.params = prompt, params
         self.stop, self.stop_ids, self.emit = tuple(stop), stop_ids, emit
         # A stop string may straddle pieces: hold back this many characters until the next token decides.
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.prompt_t = torch.tensor(prompt, device=device)
         self.generator = make_generator(params, device)
+        # Penalty state, kept up to date token by token (not rebuilt from the whole output every step).
+        self.seen = self.generated = None
+        if params.repetition_penalty != 1.0 or params.presence_penalty:
+            vocab = vocab_size or tokenizer.vocab_size
+            self.generated = token_mask(vocab, [], device)
+            self.seen = token_mask(vocab, self.prompt_t, device)
         self.stream = TextStream(tokenizer)
         self.output: list[int] = []
         self.text = ""      # decoded output, already cut at a stop string
@@ -156,7 +162,8 @@ class Engine:
         params.validate()
         check_budget(prompt_ids, params.max_new_tokens, self.context_len)
         stop_ids = set(params.stop_ids) | (set() if ignore_eos else self.eos_ids)
-        req = Request(list(prompt_ids), params, [s for s in stop if s], stop_ids, self.tokenizer, emit, self.device)
+        req = Request(list(prompt_ids), params, [s for s in stop if s], stop_ids, self.tokenizer, emit, self.device,
+                      self.model.config.vocab_size)
         with self._cv:
             if self._stopping:
                 raise EngineUnavailable("the engine is shut down")
@@ -311,16 +318,24 @@ class Engine:
             self.stats["steps"] += 1
             self.stats["batch_sizes"][len(batch)] += 1
             self.stats["decoded_tokens"] += len(batch)
-        # Rows without penalties or temperature share one argmax. The cast to fp32 matches process_logits,
-        # so a request picks the same token whichever path it takes.
-        greedy = logits.float().argmax(-1).tolist() if any(r.plain_greedy for r in batch) else None
-        for i, req in enumerate(batch):
-            if req.plain_greedy:
-                token = greedy[i]
-            else:
-                out = torch.tensor(req.output, dtype=torch.long, device=self.device)
-                token = sample_token(process_logits(logits[i], req.params, req.prompt_t, out), req.params,
-                                     req.generator)
+        # Rows without penalties or temperature share one argmax. The cast to fp32 matches process_rows, so a
+        # request picks the same token whichever path it takes. The other rows are processed and sampled
+        # together: one sort, one softmax for the lot, not one per row.
+        tokens = logits.float().argmax(-1).tolist() if any(r.plain_greedy for r in batch) else [0] * len(batch)
+        rest = [i for i, r in enumerate(batch) if not r.plain_greedy]
+        if rest:
+            reqs = [batch[i] for i in rest]
+            params = [r.params for r in reqs]
+            seen = generated = None
+            if any(r.seen is not None for r in reqs):
+                none = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                seen = torch.stack([none if r.seen is None else r.seen for r in reqs])
+                generated = torch.stack([none if r.generated is None else r.generated for r in reqs])
+            rows = logits[torch.tensor(rest, device=logits.device)] if len(rest) < len(batch) else logits
+            for i, token in zip(rest, sample_rows(process_rows(rows, params, seen, generated), params,
+                                                  [r.generator for r in reqs])):
+                tokens[i] = token
+        for req, token in zip(batch, tokens):
             self._append(req, token)
 
     def _append(self, req: Request, token: int):
@@ -333,6 +348,8 @@ class Engine:
             return
         req.output.append(token)
         req.unsent_ids.append(token)
+        if req.seen is not None:
+            req.seen[token] = req.generated[token] = True
         before = len(req.text)
         req.text += req.stream.push(token)
         if req.stop:

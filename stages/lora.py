@@ -1,8 +1,8 @@
 """LoRA fine-tuning: the base model frozen, low-rank adapters on the chosen projections trained.
 
-The output directory holds the merged model (a plain checkpoint) and the adapter alone
-(adapter_model.safetensors + adapter_config.json), which `python -m minimind merge-lora` folds into any copy of
-the base.
+The output directory holds the merged model (a plain checkpoint) and the adapter alone, in PEFT's format
+(adapter_model.safetensors + adapter_config.json): `python -m minimind merge-lora` folds it into any copy of
+the base, and `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)` loads it.
 
     python stages/lora.py --init out/sft --data lora_identity.jsonl
 """

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from minimind.config import PRESETS, ModelConfig
-from minimind.generate import SamplingParams, generate, process_logits, stream_generate
+from minimind.generate import (SamplingParams, generate, make_generator, process_logits, process_rows, sample_rows,
+                               stream_generate, token_mask)
 from minimind.lora import apply_lora, lora_state_dict, merge_lora
 from minimind.losses import distill_loss, dpo_loss, lm_loss, sequence_logprob
 from minimind.model import MiniMind
@@ -152,6 +153,63 @@ def test_sampling_controls():
     assert torch.isinf(out).tolist() == [False, False, True]
     with pytest.raises(ValueError, match="prompt"):
         list(stream_generate(model, [], SamplingParams.greedy(3)))
+
+
+def _one_row_rules(row, p: SamplingParams, seen, generated):
+    """The sampling rules written plainly for one row (V,), with a full sort: what process_rows must equal."""
+    row = row.float().clone()
+    if p.repetition_penalty != 1.0:
+        row[seen] = torch.where(row[seen] > 0, row[seen] / p.repetition_penalty, row[seen] * p.repetition_penalty)
+    row[generated] -= p.presence_penalty
+    if p.temperature <= 0:
+        return row
+    row = row / p.temperature
+    if 0 < p.top_k < row.numel():
+        row = row.masked_fill(row < row.topk(p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        ranked, order = row.sort(descending=True)
+        probs = ranked.softmax(-1)
+        drop = probs.cumsum(-1) - probs > p.top_p
+        row = row.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return row
+
+
+def test_batched_sampling_rules_equal_the_one_row_rules_and_sample_the_right_distribution():
+    """One batched pass over rows with different settings equals the plain one-row rules; the inverse-CDF
+    draw follows the processed distribution; a seeded row ignores its batch-mates."""
+    torch.manual_seed(0)
+    V = 300
+    logits = torch.randn(7, V) * 3
+    logits[0] /= 10    # a flat row: its nucleus reaches past the topk head (the full-sort path)
+    logits[5:] *= 4    # peaked rows: their nucleus fits the head (the fast path)
+    params = [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams.greedy(),
+              SamplingParams(temperature=1.3, top_k=7, top_p=1.0, repetition_penalty=1.2, presence_penalty=0.4),
+              SamplingParams(temperature=1.0, top_k=0, top_p=1.0),
+              SamplingParams(temperature=0.0, top_p=0.5, repetition_penalty=2.0),
+              SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(temperature=1.1, top_k=20, top_p=0.7)]
+    prompts = [torch.randint(0, V, (n,)) for n in (4, 0, 9, 3, 6, 2, 5)]
+    outputs = [torch.randint(0, V, (n,)) for n in (0, 2, 5, 1, 3, 4, 0)]
+    generated = torch.stack([token_mask(V, o) for o in outputs])
+    seen = generated | torch.stack([token_mask(V, p) for p in prompts])
+    batched = process_rows(logits, params, seen, generated)
+    for i, p in enumerate(params):
+        want = _one_row_rules(logits[i], p, seen[i], generated[i])
+        assert torch.equal(torch.isinf(batched[i]), torch.isinf(want)), i
+        assert torch.allclose(batched[i][~torch.isinf(want)], want[~torch.isinf(want)], rtol=0, atol=1e-6), i
+        assert torch.equal(batched[i], process_logits(logits[i], p, prompts[i], outputs[i]))
+    kept = (~torch.isinf(batched)).sum(-1).tolist()
+    assert kept[2] == 7 and kept[3] == V and kept[5] < 64 < kept[0]   # top-k; rules off; head vs spill
+    # Frequencies of 20,000 draws against the processed probabilities (row 0: top-p 0.9 at temperature 0.7).
+    probs = batched[0].softmax(-1)
+    draws = torch.tensor([sample_rows(batched[:1], params[:1], [None])[0] for _ in range(20_000)])
+    freq = torch.bincount(draws, minlength=V) / len(draws)
+    assert (freq[probs == 0] == 0).all()                    # nothing outside the nucleus is ever drawn
+    assert (freq - probs).abs().max() < 4 * (probs.max() / len(draws)) ** 0.5 + 1e-3
+    # Greedy rows are the argmax whatever the others do; a seeded row draws the same token alone or batched.
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=5)
+    alone = sample_rows(batched[2:3], [seeded], [make_generator(seeded, "cpu")])
+    mixed = sample_rows(batched[1:3], [params[1], seeded], [None, make_generator(seeded, "cpu")])
+    assert mixed == [int(batched[1].argmax()), alone[0]]
 
 
 def _reference_moe(moe, x):

@@ -10,6 +10,7 @@ from cluster.config import BUNDLED_DATA as BUNDLED, TrainConfig
 from cluster.launcher import launch
 from minimind.checkpoint import load_model, read_weights, save_checkpoint
 from minimind.config import PRESETS
+from minimind.lora import own_name
 from minimind.model import MiniMind
 from stages.distill import Distill, DistillConfig
 from stages.dpo import DPO, DPOConfig
@@ -132,7 +133,9 @@ def test_lora_leaves_base_bit_identical(pretrained, tmp_path, project_tokenizer)
     out = launch(cfg, LoRA())
     base, merged = read_weights(pretrained / "model.safetensors"), read_weights(out / "model.safetensors")
     adapter = read_weights(out / "adapter_model.safetensors")
-    assert set(adapter) and all(".self_attn." in k for k in adapter)
+    assert set(adapter) and all(k.startswith("base_model.model.") for k in adapter)  # PEFT's names
+    adapter = {own_name(k): v for k, v in adapter.items()}
+    assert all(".self_attn." in k for k in adapter)
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     # Only the adapted projections differ in the merged model, by exactly alpha/r * B @ A.
     assert changed == {k.replace(".lora_A", ".weight") for k in adapter if k.endswith("lora_A")}
