@@ -202,10 +202,11 @@ def test_sampling_parameters(server):
     # Penalties change the greedy path, exactly as generate() applies them.
     penalised = served(temperature=0, presence_penalty=2.0, extra={"repetition_penalty": 3.0})
     assert penalised == reference(temperature=0, presence_penalty=2.0, repetition_penalty=3.0) != greedy
-    # Temperature: two seeds, two different samples, neither greedy; top_k=1 (and a tiny top_p) is greedy
-    # again whatever the seed and temperature.
-    s1, s2 = served(temperature=1.0, seed=1), served(temperature=1.0, seed=2)
-    assert len({s1, s2, greedy}) == 3
+    # Temperature: three seeds give at least two different samples besides greedy (a peaked model can sample
+    # the greedy path itself now and then); top_k=1 (and a tiny top_p) is greedy again whatever the seed and
+    # temperature.
+    samples = {served(temperature=1.0, seed=seed) for seed in (1, 2, 3)}
+    assert len(samples - {greedy}) >= 2, (samples, greedy)
     assert served(temperature=1.5, seed=1, extra={"top_k": 1}) == greedy
     assert served(temperature=1.5, seed=2, top_p=1e-6) == greedy
     # Stop strings (on a text completion: no reasoning split to think about).
