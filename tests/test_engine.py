@@ -351,3 +351,28 @@ def test_the_served_dtypes_decode_greedily_in_that_dtype(tiny_ckpt, engine, dtyp
             logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:].float()
         chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         assert (logits.max(1).values - chosen).max().item() <= slack, (dtype, tokens)
+
+
+def test_packed_linears_compute_the_plain_model(tiny_ckpt):
+    """On the CPU in fp32 the engine's block linears run on oneDNN-packed weights (one row keeps F.linear):
+    every one is swapped, logits equal the plain model's to float rounding at 1 and at several rows, and
+    greedy decoding is unchanged; packed_linears=False leaves plain nn.Linear."""
+    from serve.engine import PackedLinear
+    plain, _ = load_checkpoint(tiny_ckpt)
+    plain.eval()
+    engine = load_engine(tiny_ckpt, EngineConfig(max_batch=4, max_len=256))
+    unpacked = load_engine(tiny_ckpt, EngineConfig(max_batch=4, max_len=256, packed_linears=False))
+    try:
+        layers = plain.config.num_layers
+        assert sum(isinstance(m, PackedLinear) for m in engine.model.modules()) == layers * 7
+        assert not any(isinstance(m, PackedLinear) for m in unpacked.model.modules())
+        ids = torch.randint(3, 2000, (3, 12), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            for x in (ids[:1, :1], ids[:1], ids):
+                assert torch.allclose(engine.model(x).logits, plain(x).logits, rtol=0, atol=1e-5)
+        prompt = ids[0].tolist()
+        want = generate(plain, prompt, SamplingParams.greedy(24))
+        assert engine.generate(prompt, SamplingParams.greedy(24), ignore_eos=True).token_ids[:len(want)] == want
+    finally:
+        engine.shutdown()
+        unpacked.shutdown()
