@@ -150,11 +150,16 @@ def margin_at_split(model_dir: str, prompt: list[int], ours: list[int], theirs: 
 def ensure_checkpoints(args) -> list[Path]:
     if args.model:
         return [Path(m) for m in args.model]
+    # MiniMind's tokenizer from ../shared when it is there; else (a clone alone) the one a run without
+    # --tokenizer trains from the bundled sample, which the random checkpoint then shares.
+    tokenizer = Path(args.tokenizer) if args.tokenizer and Path(args.tokenizer).is_dir() else None
+    if tokenizer is None:
+        print(f"no tokenizer at {args.tokenizer}: the checkpoints use the bundled-sample tokenizer", flush=True)
     if (DEFAULT_CKPT / "config.json").is_file():
         print(f"checkpoint {DEFAULT_CKPT} (already trained)")
     else:
-        cmd = [sys.executable, str(REPO / "stages" / "pretrain.py"), *TRAIN_ARGS, "--tokenizer", str(args.tokenizer),
-               "--out", str(DEFAULT_CKPT)]
+        cmd = [sys.executable, str(REPO / "stages" / "pretrain.py"), *TRAIN_ARGS,
+               *(["--tokenizer", str(tokenizer)] if tokenizer else []), "--out", str(DEFAULT_CKPT)]
         print("training the default checkpoint:", " ".join(cmd), flush=True)
         subprocess.run(["nice", *cmd], cwd=REPO, check=True)
     if not (RANDOM_CKPT / "config.json").is_file():
@@ -164,10 +169,10 @@ def ensure_checkpoints(args) -> list[Path]:
         from minimind.checkpoint import save_checkpoint
         from minimind.config import get_preset
         from minimind.model import MiniMind
-        from minimind.tokenizer import Tokenizer
+        from minimind.checkpoint import load_tokenizer
 
         torch.manual_seed(0)
-        save_checkpoint(MiniMind(get_preset("small")), RANDOM_CKPT, tokenizer=Tokenizer.from_dir(args.tokenizer))
+        save_checkpoint(MiniMind(get_preset("small")), RANDOM_CKPT, tokenizer=load_tokenizer(DEFAULT_CKPT))
         print(f"checkpoint {RANDOM_CKPT} (random weights, seed 0)")
     return [DEFAULT_CKPT, RANDOM_CKPT]
 
@@ -281,7 +286,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", nargs="*", default=[],
                     help=f"checkpoint directories (default: {DEFAULT_CKPT}, trained when absent, and {RANDOM_CKPT})")
-    ap.add_argument("--tokenizer", default=str(SHARED_TOKENIZER), help="tokenizer for the default checkpoints")
+    ap.add_argument("--tokenizer", default=str(SHARED_TOKENIZER), help="tokenizer for the default checkpoints (absent: the bundled-sample one)")
     ap.add_argument("--vllm-python", default=str(DEFAULT_VLLM_PYTHON), help="python of the vLLM env")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=1024)
