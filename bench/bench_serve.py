@@ -100,13 +100,24 @@ def make_checkpoint(cfg: BenchConfig, tmp: Path) -> Path:
 
     torch.manual_seed(0)
     out = tmp / f"random-{cfg.preset}"
-    save_checkpoint(MiniMind(get_preset(cfg.preset)), out, tokenizer=Tokenizer.from_dir(cfg.tokenizer))
+    if Path(cfg.tokenizer).is_dir():
+        tokenizer = Tokenizer.from_dir(cfg.tokenizer)
+    else:  # a clone without ../shared: the tokenizer a run without --tokenizer trains from the bundled sample
+        from minimind.__main__ import default_tokenizer
+        print(f"no tokenizer at {cfg.tokenizer}: using the bundled-sample tokenizer", flush=True)
+        tokenizer = default_tokenizer()
+    save_checkpoint(MiniMind(get_preset(cfg.preset)), out, tokenizer=tokenizer)
     return out
 
 
 def load_prompts(cfg: BenchConfig, tokenizer, n: int) -> list[list[int]]:
     questions = []
-    for line in Path(cfg.prompts).read_text(encoding="utf-8").splitlines():
+    path = Path(cfg.prompts)
+    if not path.is_file() and cfg.prompts == BenchConfig.prompts:
+        from cluster.config import BUNDLED_DATA
+        path = BUNDLED_DATA / "sample_sft.jsonl"  # a clone without ../shared: the bundled SFT sample's questions
+        print(f"no prompts at {cfg.prompts}: using {path}", flush=True)
+    for line in path.read_text(encoding="utf-8").splitlines():
         turns = json.loads(line)["conversations"]
         questions.append(next(t["content"] for t in turns if t["role"] == "user"))
     return [tokenizer.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}],
