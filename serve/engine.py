@@ -127,7 +127,7 @@ class Request:
         return p.temperature <= 0 and p.repetition_penalty == 1.0 and not p.presence_penalty
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(nn.Linear):
     """Inference-only nn.Linear for the CPU: the weight reordered once into oneDNN's blocked layout, so each
     batched matmul skips the reorder that F.linear pays on every call (vLLM's CPU backend does the same).
     A single row (one request decoding) keeps F.linear on the plain weight: measured in the engine, the packed
@@ -135,11 +135,11 @@ class PackedLinear(nn.Module):
     differ from F.linear's by float rounding (summation order) only."""
 
     def __init__(self, linear: nn.Linear, batch_hint: int):
-        super().__init__()
+        nn.Module.__init__(self)  # an nn.Linear to whoever counts parameters or layers; its own forward
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight.detach()
-        self.bias = None if linear.bias is None else linear.bias.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
 
     def forward(self, x):
         if x.numel() == self.in_features:
