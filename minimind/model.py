@@ -10,7 +10,7 @@ The model returns logits (and the MoE auxiliary loss); losses live in `minimind.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -273,8 +273,16 @@ class MiniMind(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    def forward(self, input_ids, cache: KVCache | None = None, rows=None, last_only: bool = False) -> Output:
+    def forward(self, input_ids, cache: KVCache | None = None, rows=None, last_only: bool = False,
+                new_tokens: Sequence[int] | None = None) -> Output:
+        """new_tokens (with a cache): how many of each row's T tokens are real, the rest being right padding.
+        A ragged batch (prompts of different lengths prefilled together) then advances each cache row by its
+        own count, and last_only returns each row's last real position. Padding is harmless without a mask of
+        its own: it sits after the real tokens (causality hides it from them) at positions past the row's
+        length (masked from every later query, and overwritten by the row's next tokens)."""
         B, T = input_ids.shape
+        if new_tokens is not None and (cache is None or len(new_tokens) != B or not all(0 < n <= T for n in new_tokens)):
+            raise ValueError(f"new_tokens needs a cache and one count in 1..{T} per row, got {list(new_tokens)}")
         view = None
         if cache is None:
             if T > self.config.max_position_embeddings:
@@ -293,10 +301,12 @@ class MiniMind(nn.Module):
             if aux is not None:
                 aux_total = aux_total + aux
         x = self.model.norm(x)
+        ragged = new_tokens is not None and any(n != T for n in new_tokens)
         if last_only:
-            x = x[:, -1:]
+            x = x[torch.arange(B, device=x.device), torch.tensor(new_tokens, device=x.device) - 1][:, None] \
+                if ragged else x[:, -1:]  # (B, 1, C)
         if view is not None:
-            cache.lengths[view.slots] += T
+            cache.lengths[view.slots] += torch.tensor(new_tokens) if ragged else T
         return Output(self.lm_head(x), aux_total)
 
     def _cache_view(self, cache: KVCache, rows, B: int, T: int, device) -> CacheView:

@@ -78,6 +78,9 @@ class ServeConfig:
     max_len: int = field(default=2048, metadata={"help": "context per request (prompt + completion)"})
     max_tokens: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask (and default)"})
     max_waiting: int = field(default=256, metadata={"help": "queued requests beyond which the server answers 503"})
+    prefill_tokens: int = field(default=512, metadata={
+        "help": "prompt positions one prefill forward takes: new prompts are prefilled together up to this, a "
+                "longer one in chunks of it between decode steps"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted"})
     reasoning: str = field(default="auto", metadata={"help": "split <think>...</think> into reasoning_content",
                                                       "choices": ["auto", "on", "off"]})
@@ -204,7 +207,8 @@ class MiniMindServer:
         self.tokenizer = load_tokenizer(self.cfg.model)
         # The engine runs in a child process so that HTTP work here never holds up a forward pass (GIL).
         self.engine = EngineProcess(self.cfg.model, EngineConfig(self.cfg.max_batch, self.cfg.max_len,
-                                                                 self.cfg.kv_cache, self.cfg.max_waiting),
+                                                                 self.cfg.kv_cache, self.cfg.max_waiting,
+                                                                 prefill_tokens=self.cfg.prefill_tokens),
                                     lora=self.cfg.lora or None, dtype=self.cfg.dtype, device=self.cfg.device,
                                     threads=self.cfg.threads or max(1, math.floor(self.cfg.num_cpus)),
                                     stream_interval=self.cfg.stream_interval_ms / 1000)

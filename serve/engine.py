@@ -25,6 +25,7 @@ import heapq
 import logging
 import queue
 import threading
+import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
@@ -49,9 +50,13 @@ class EngineConfig:
     max_waiting: int = 256   # queued requests beyond which submit() raises EngineBusy
     # CPU, fp32: run the blocks' linear layers on weights reordered once for oneDNN (see PackedLinear).
     packed_linears: bool = True
+    # Prompt positions (padding included) one prefill forward may take. New prompts are prefilled together up
+    # to this many; a longer one goes in chunks of it, one chunk per scheduler iteration, so the requests
+    # already decoding wait at most one chunk's forward for their next token.
+    prefill_tokens: int = 512
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.max_len < 2 or self.max_waiting < 0:
+        if self.max_batch < 1 or self.max_len < 2 or self.max_waiting < 0 or self.prefill_tokens < 1:
             raise ValueError(f"invalid engine config {self}")
 
 
@@ -118,8 +123,12 @@ class Request:
         self.sent = 0       # characters of `text` handed to the consumer
         self.unsent_ids: list[int] = []
         self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens already in the KV cache
         self.cancelled = False
         self.finished = False
+        # perf_counter() at submission, first output token and finish: TTFT and TPOT as the engine sees them.
+        self.submitted_at = time.perf_counter()
+        self.first_token_at = self.finished_at = None
 
     @property
     def plain_greedy(self) -> bool:
@@ -188,7 +197,8 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
-        self.stats = {"steps": 0, "prefills": 0, "decoded_tokens": 0, "errors": 0,
+        self.stats = {"steps": 0, "prefills": 0, "prefill_forwards": 0, "prefill_positions": 0,
+                      "decoded_tokens": 0, "errors": 0,
                       "batch_sizes": collections.Counter(), "finish_reasons": collections.Counter()}
         self._thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
         self._thread.start()
@@ -338,21 +348,58 @@ class Engine:
             self.stats["prefills"] += len(admitted)
             self._advance(list(self._active), logits)
             return
-        for req in admitted:
-            self.cache.reset([req.slot])
-            logits = self.model(req.prompt_t[None], cache=self.cache, rows=[req.slot], last_only=True).logits[:, -1]
-            self.stats["prefills"] += 1
-            self._advance([req], logits)
         if admitted:
-            self._flush()
-        # Every active request now holds a sampled token that is not in the cache yet: feed them all at once.
-        # In slot order: when the busy slots are consecutive the model reads the cache as a view, not a gather.
-        batch = sorted(self._active, key=lambda r: r.slot)
+            self.cache.reset([r.slot for r in admitted])
+        pending = [r for r in self._active if r.prefilled < len(r.prompt)]  # in arrival order
+        if pending:
+            self._prefill(pending)
+            self._flush()  # first tokens go out before the decode step
+        # Every request past its prompt holds a sampled token that is not in the cache yet: feed them all at
+        # once. In slot order: when the busy slots are consecutive the model reads the cache as a view.
+        batch = sorted((r for r in self._active if r.prefilled == len(r.prompt)), key=lambda r: r.slot)
         if not batch:
             return
         tokens = torch.tensor([[r.output[-1]] for r in batch], device=self.device)  # (B, 1)
         logits = self.model(tokens, cache=self.cache, rows=[r.slot for r in batch], last_only=True).logits[:, -1]
         self._advance(batch, logits)
+
+    def _plan_prefill(self, pending: list[Request]) -> list[tuple[Request, int]]:
+        """(request, prompt tokens to feed) for one forward of at most `prefill_tokens` padded positions.
+
+        Oldest first; a row's chunk is cut to the budget. Right padding takes cache positions past a row's own
+        chunk, so a row whose padded chunk would run past the context waits for a later forward.
+        """
+        budget, plan, width, top = self.config.prefill_tokens, [], 0, 0
+        for req in pending:
+            n = min(len(req.prompt) - req.prefilled, budget)
+            w, t = max(width, n), max(top, req.prefilled)
+            if plan and ((len(plan) + 1) * w > budget or t + w > self.context_len):
+                continue
+            plan.append((req, n))
+            width, top = w, t
+        return plan
+
+    def _prefill(self, pending: list[Request]):
+        """One forward over the next chunk of the pending prompts; those it completes get their first token."""
+        plan = self._plan_prefill(pending)
+        width = max(n for _, n in plan)
+        ids = torch.zeros(len(plan), width, dtype=torch.long)  # right padding: any id, its K/V are never read
+        for i, (req, n) in enumerate(plan):
+            ids[i, :n] = torch.as_tensor(req.prompt[req.prefilled:req.prefilled + n])
+        logits = self.model(ids.to(self.device), cache=self.cache, rows=[r.slot for r, _ in plan], last_only=True,
+                            new_tokens=[n for _, n in plan]).logits[:, -1]
+        done = []
+        for i, (req, n) in enumerate(plan):
+            req.prefilled += n
+            if req.prefilled == len(req.prompt):
+                done.append(i)
+        with self._cv:
+            self.stats["prefills"] += len(done)
+            self.stats["prefill_forwards"] += 1
+            self.stats["prefill_positions"] += len(plan) * width
+        if done:
+            self._advance([plan[i][0] for i in done],
+                          logits if len(done) == len(plan) else logits[torch.tensor(done, device=logits.device)])
 
     def _advance(self, batch: list[Request], logits: torch.Tensor):
         """Sample one token per row of `logits` (B, V) and append it to its request."""
@@ -390,6 +437,8 @@ class Engine:
             return
         req.output.append(token)
         req.unsent_ids.append(token)
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
         if req.seen is not None:
             req.seen[token] = req.generated[token] = True
         before = len(req.text)
@@ -420,6 +469,7 @@ class Engine:
             req.cancelled = True
 
     def _finish(self, req: Request, reason: str, error: str | None = None):
+        req.finished_at = time.perf_counter()
         req.finished = True
         if req in self._active:
             self._active.remove(req)

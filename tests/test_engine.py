@@ -80,6 +80,71 @@ def test_concurrent_greedy_equals_sequential(engine):
     assert batched.get(4, 0) > 0, f"requests never shared a forward pass: {after}"
 
 
+def submit_together(eng, items, events):
+    """Submit every (name, prompt, max_tokens) while holding the scheduler's lock, so that all arrive in one
+    admission; each Delta is recorded in `events` as (name, delta), in the order the scheduler emits them."""
+    with eng._cv:  # a re-entrant lock: submit() takes it again from this thread
+        return [eng.submit(prompt, SamplingParams.greedy(n), lambda d, name=name: events.append((name, d)),
+                           ignore_eos=True) for name, prompt, n in items]
+
+
+def wait_finished(reqs, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not all(r.finished for r in reqs):
+        assert time.monotonic() < deadline, "requests did not finish"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("budget", [16, 4096], ids=["chunked", "batched"])
+def test_batched_and_chunked_prefill_equal_one_at_a_time(tiny_ckpt, engine, budget):
+    """Seven prompts of 6 to 40 tokens admitted together: prefilled as ragged batches (budget 4096: in one
+    forward) or in chunks of at most 16 positions; every greedy output equals the request decoded alone."""
+    ps = prompts(engine, 7)
+    alone = [engine.generate(p, SamplingParams.greedy(8), ignore_eos=True).token_ids for p in ps]
+    eng = load_engine(tiny_ckpt, EngineConfig(max_batch=8, max_len=256, prefill_tokens=budget), dtype="float64")
+    try:
+        events = []
+        reqs = submit_together(eng, [(i, p, 8) for i, p in enumerate(ps)], events)
+        wait_finished(reqs)
+        for i, want in enumerate(alone):
+            assert [t for name, d in events if name == i for t in d.token_ids] == want
+        snap = eng.snapshot()
+    finally:
+        eng.shutdown()
+    assert snap["prefills"] == 7
+    if budget == 16:
+        # At most 16 positions a forward, so the 7 prompts (one of them longer than 16) took several each.
+        assert sum(map(len, ps)) <= snap["prefill_positions"] <= 16 * snap["prefill_forwards"]
+        assert max(map(len, ps)) > 16
+    else:
+        assert snap["prefill_forwards"] == 1 and snap["prefill_positions"] == 7 * max(len(p) for p in ps)
+
+
+@pytest.mark.timeout(60)
+def test_a_long_prompt_does_not_stall_running_decodes(tiny_ckpt):
+    """A 200-token prompt arriving beside a short one is prefilled 16 positions per iteration while the short
+    request decodes: the short one gets a token from every iteration the long prompt's chunks take."""
+    eng = load_engine(tiny_ckpt, EngineConfig(max_batch=2, max_len=512, prefill_tokens=16), dtype="float64")
+    try:
+        short_prompt, long_prompt = prompts(eng, 1)[0], [5 + i % 500 for i in range(200)]
+        seen, long_ids = {}, []
+
+        def on_long(delta):  # runs on the scheduler thread: the short request's progress at this instant
+            seen.setdefault("short_tokens", len(reqs[0].output))
+            long_ids.extend(delta.token_ids)
+
+        with eng._cv:  # both arrive in one admission (a re-entrant lock: submit() takes it again)
+            reqs = [eng.submit(short_prompt, SamplingParams.greedy(60), lambda d: None, ignore_eos=True),
+                    eng.submit(long_prompt, SamplingParams.greedy(2), on_long, ignore_eos=True)]
+        wait_finished(reqs)
+        alone = eng.generate(long_prompt, SamplingParams.greedy(2), ignore_eos=True).token_ids
+    finally:
+        eng.shutdown()
+    assert seen["short_tokens"] >= 200 // 16  # at least one decode step per chunk of the long prompt
+    assert long_ids == alone
+
+
 @pytest.mark.timeout(60)
 def test_no_cache_mode_matches_cache(tiny_ckpt, engine):
     recompute = load_engine(tiny_ckpt, EngineConfig(max_batch=4, kv_cache=False), dtype="float64")

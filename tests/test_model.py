@@ -106,6 +106,42 @@ def test_cache_paths_match_full_forward(slots):
     assert [cache.lengths[s].item() for s in slots] == [17, 15, 15]
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("slots", [[0, 1, 2], [4, 0, 2]], ids=["consecutive", "gaps"])
+def test_ragged_prefill_matches_one_row_at_a_time(preset, slots):
+    """Prompts of 5, 9 and 3 tokens right-padded into one (3, 9) forward: each row's last real position gives
+    its own full forward's logits, the cache advances by each row's count, and a chunk appended at per-row
+    starts (padded again) and a batched decode after it still match (the padding's K/V are never read)."""
+    torch.manual_seed(6)
+    model = MiniMind(PRESETS[preset]).double().eval()
+    seqs = [torch.randint(0, 6400, (n,)) for n in (5 + 4, 9 + 2, 3 + 6)]  # prompt + a later chunk
+    first, second = (5, 9, 3), (4, 2, 6)
+    cache = model.new_cache(5, 32, dtype=torch.float64)
+
+    def padded(parts):
+        ids = torch.full((3, max(len(p) for p in parts)), 7)
+        for i, part in enumerate(parts):
+            ids[i, :len(part)] = part
+        return ids
+
+    with torch.no_grad():
+        got = model(padded([s[:n] for s, n in zip(seqs, first)]), cache=cache, rows=slots, last_only=True,
+                    new_tokens=first).logits[:, 0]
+        assert [cache.lengths[s].item() for s in slots] == list(first)
+        for i, (s, n) in enumerate(zip(seqs, first)):
+            assert torch.allclose(got[i], model(s[None, :n]).logits[0, -1], atol=1e-9)
+        got = model(padded([s[n:] for s, n in zip(seqs, first)]), cache=cache, rows=slots, last_only=True,
+                    new_tokens=second).logits[:, 0]
+        for i, s in enumerate(seqs):
+            assert torch.allclose(got[i], model(s[None]).logits[0, -1], atol=1e-9)
+        nxt = torch.tensor([[11], [12], [13]])
+        got = model(nxt, cache=cache, rows=slots, last_only=True).logits[:, 0]
+        for i, s in enumerate(seqs):
+            assert torch.allclose(got[i], model(torch.cat([s, nxt[i]])[None]).logits[0, -1], atol=1e-9)
+        with pytest.raises(ValueError, match="one count in 1..1 per row"):
+            model(nxt, cache=cache, rows=slots, new_tokens=[1, 0, 1])
+
+
 def test_cache_refuses_overflow_and_row_mismatch():
     model = MiniMind(PRESETS["tiny"]).eval()
     cache = model.new_cache(2, 8)

@@ -13,6 +13,17 @@ from tune import experiments, space
 from tune.sweep import run_sweep
 
 TOKENS_PER_STEP = 8 * 1 * 2 * 64  # micro-batch x accumulation x workers x sequence length
+ROW = 64
+
+
+def assert_token_axis(xs: list[int], steps: int, per_step: int = TOKENS_PER_STEP, row: int = ROW) -> None:
+    """xs: tokens seen after each of `steps` steps. Packed pretraining rows are full except the last row of
+    each tokenised block (the poems are one block per split), so a step counts `per_step` tokens, or fewer
+    by less than one row in the one step that drew the short row (which step does depends on the shards)."""
+    assert len(xs) == steps
+    gaps = [b - a for a, b in zip([0, *xs], xs)]
+    assert all(per_step - row < g <= per_step for g in gaps), gaps
+    assert sum(g < per_step for g in gaps) <= 1, gaps
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +59,16 @@ def test_asha_stops_the_diverging_trial_on_tokens(asha_sweep):
     rows = json.loads((asha_sweep / "results.json").read_text())
     by_lr = {r["param.lr"]: r for r in rows}
     good, bad, after = by_lr[3e-3], by_lr[1.0], by_lr[3.1e-3]
-    assert good["status"] == "done" and good["tokens"] == 8 * TOKENS_PER_STEP
+    assert good["status"] == "done" and 8 * TOKENS_PER_STEP - ROW < good["tokens"] <= 8 * TOKENS_PER_STEP
     assert bad["status"] == "stopped early" and bad["tokens"] < good["tokens"]
     assert after["status"] == "done" and after["tokens"] == good["tokens"]  # ran after the stopped trial
     assert {good["rank"], after["rank"]} == {1, 2} and "rank" not in bad
     assert good["trial"] == "lr=0.003" and bad["trial"] == "lr=1"  # labelled by parameters
     # Reports reach Tune with the Train metrics, on the tokens axis; val_loss on evaluation steps only.
-    assert [t for t, _ in good["curve"]] == [TOKENS_PER_STEP * s for s in range(1, 9)]
-    assert [t for t, _ in good["val_curve"]] == [TOKENS_PER_STEP * s for s in (2, 4, 6, 8)]
+    steps_x = [t for t, _ in good["curve"]]
+    assert_token_axis(steps_x, 8)
+    assert steps_x[-1] == good["tokens"]
+    assert [t for t, _ in good["val_curve"]] == [steps_x[s - 1] for s in (2, 4, 6, 8)]
     assert json.loads((asha_sweep / "sweep.json").read_text())["metric"] == "val_loss"
     assert good["val_loss_at_compare"] == good["final_val_loss"] == good["val_curve"][-1][1]
     assert bad["val_curve"] and bad["final_val_loss"] > good["final_val_loss"]
@@ -311,7 +324,8 @@ def test_the_minimind_experiment_at_a_tenth_of_its_scale(ray_cluster, project_to
     assert json.loads((sweep / "sweep.json").read_text())["token_budget"] == budget
     for name, acc, steps, warmup in ((acc2, 2, 4, 0.0), (acc4, 4, 2, 0.1)):
         r = rows[name]
-        assert (r["status"], r["tokens"], r["steps"], r["effective_batch"]) == ("done", budget, steps, 8 * acc * 2)
+        assert (r["status"], r["steps"], r["effective_batch"]) == ("done", steps, 8 * acc * 2)
+        assert budget - 48 < r["tokens"] <= budget  # the poems' one short packed row may fall in a trial
         assert (r["param.batch_size"], r["param.accumulation_steps"], r["param.warmup"], r["param.lr"]) == (
             8, acc, warmup, 5e-4)
 
