@@ -26,6 +26,7 @@ take turns request by request; above it, level by level; each level keeps its be
 
   python bench/bench_serve.py --preset small              # random-weights MiniMind2-small (25.8M)
   python bench/bench_serve.py --model DIR --concurrency 1 8 32
+  python bench/bench_serve.py --concurrency 1 8 32 64 --mixed-lengths 16 512   # short and long prompts mixed
   python bench/bench_serve.py --model DIR --vllm-python .venv-vllm/bin/python   # + vLLM as a system
 Prints a table and writes bench/results/serve.json.
 """
@@ -63,6 +64,9 @@ class BenchConfig:
     prompts: str = field(default=str(REPO.parent / "shared" / "data" / "minimind" / "lora_identity.jsonl"),
                          metadata={"help": "jsonl of {'conversations': [...]}; the first user turns are prompts"})
     max_tokens: int = field(default=64, metadata={"help": "output tokens per request"})
+    mixed_lengths: tuple[int, ...] = field(default=(), metadata={
+        "help": "MIN MAX: prompts of mixed lengths instead of single questions: each joins consecutive questions "
+                "until a length drawn log-uniformly from MIN..MAX tokens (fixed seed); empty: one question each"})
     concurrency: tuple[int, ...] = field(default=(1, 8, 32), metadata={"help": "concurrency levels"})
     requests: int = field(default=0, metadata={"help": "requests per level; 0: max(8, 2 x concurrency)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu or cuda: every "
@@ -120,8 +124,23 @@ def load_prompts(cfg: BenchConfig, tokenizer, n: int) -> list[list[int]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         turns = json.loads(line)["conversations"]
         questions.append(next(t["content"] for t in turns if t["role"] == "user"))
-    return [tokenizer.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}],
-                                          tokenize=True) for i in range(n)]
+    if not cfg.mixed_lengths:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}],
+                                              tokenize=True) for i in range(n)]
+    if len(cfg.mixed_lengths) != 2 or not 0 < cfg.mixed_lengths[0] <= cfg.mixed_lengths[1]:
+        raise SystemExit(f"--mixed-lengths takes MIN MAX with 0 < MIN <= MAX, got {list(cfg.mixed_lengths)}")
+    low, high = cfg.mixed_lengths
+    g = torch.Generator().manual_seed(3)
+    targets = [round(low * (high / low) ** u) for u in torch.rand(n, generator=g, dtype=torch.float64).tolist()]
+    prompts, q = [], 0
+    for target in targets:
+        text = questions[q % len(questions)]
+        q += 1
+        while len(ids := tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True)) < target:
+            text += "\n" + questions[q % len(questions)]
+            q += 1
+        prompts.append(ids)
+    return prompts
 
 
 # ----------------------------------------------------------------------------------------------- metrics

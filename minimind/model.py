@@ -281,7 +281,8 @@ class MiniMind(nn.Module):
         its own: it sits after the real tokens (causality hides it from them) at positions past the row's
         length (masked from every later query, and overwritten by the row's next tokens)."""
         B, T = input_ids.shape
-        if new_tokens is not None and (cache is None or len(new_tokens) != B or not all(0 < n <= T for n in new_tokens)):
+        if new_tokens is not None and (cache is None or len(new_tokens) != B
+                                       or not all(0 < n <= T for n in new_tokens)):
             raise ValueError(f"new_tokens needs a cache and one count in 1..{T} per row, got {list(new_tokens)}")
         view = None
         if cache is None:

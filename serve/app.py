@@ -5,9 +5,10 @@
   python serve/app.py --model DIR [--host 127.0.0.1] [--port 8000]         (starts a local Ray cluster)
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both streamed as SSE or not), GET /v1/models,
-GET /health, and a chat page at /. Generation runs in `serve.engine.Engine` (continuous batching on a
-preallocated KV cache) in a child process of the replica (`serve.engine_process`); this file only validates,
-authorises and formats.
+GET /health, and a chat page at /. Model ids: the checkpoint's name, and 'NAME:ADAPTER' for every LoRA adapter of
+lora_modules / lora_dir (Ray Serve LLM's convention), decoded per request in the same batches as the base.
+Generation runs in `serve.engine.Engine` (continuous batching on a preallocated KV cache) in a child process
+of the replica (`serve.engine_process`); this file only validates, authorises and formats.
 
 Safe by default: Serve binds 127.0.0.1; when the environment variable named by `api_key_env` (default
 MINIMIND_API_KEY) is set where the app is built, /v1 routes, /openapi.json and the engine statistics in /health
@@ -30,6 +31,7 @@ import html
 import json
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -64,6 +66,10 @@ HEALTH_CHECK_PERIOD_S = 10
 RETRY_BUSY_S, RETRY_DEAD_S = 1, 3 * HEALTH_CHECK_PERIOD_S
 
 
+# Adapter names as they appear in model ids ('BASE:NAME') and as lora_dir subdirectories.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
 @dataclass
 class ServeConfig:
     """Arguments of the application builder (`serve run serve.app:app key=value ...`, config.yaml `args`)."""
@@ -71,6 +77,12 @@ class ServeConfig:
                                                         "looked up in the cwd, then in the project root"})
     name: str = field(default="", metadata={"help": "model id clients send; default: the directory's name"})
     lora: str = field(default="", metadata={"help": "LoRA adapter directory merged into the weights at load"})
+    lora_modules: str = field(default="", metadata={
+        "help": "comma list of NAME=DIR LoRA adapters (PEFT format, e.g. a stages/lora.py output) served per "
+                "request: a request for model 'BASE:NAME' decodes with that adapter, in the same batches as the rest"})
+    lora_dir: str = field(default="", metadata={
+        "help": "directory whose subdirectories are LoRA adapters, served as 'BASE:SUBDIR'; each is read on its "
+                "first request, and one added later is found too"})
     dtype: str = field(default="float32", metadata={"help": "weights and KV cache dtype",
                                                      "choices": ["float32", "bfloat16", "float64"]})
     device: str = field(default="auto", metadata={"help": "auto (cuda when the replica has a GPU), cpu, cuda"})
@@ -119,6 +131,21 @@ class ServeConfig:
         self.name = self.name or path.name
         if self.lora:
             self.lora = str(Path(os.path.expanduser(self.lora)).resolve())
+        modules = {}
+        for item in split_list(self.lora_modules):
+            name, sep, directory = item.partition("=")
+            if not sep or not ADAPTER_NAME.fullmatch(name.strip()) or not directory.strip():
+                raise ValueError(f"lora_modules: {item!r} is not NAME=DIR (NAME of letters, digits, '.', '_', '-')")
+            path = Path(os.path.expanduser(directory.strip())).resolve()
+            if not (path / "adapter_config.json").is_file():
+                raise ValueError(f"lora_modules: {name.strip()}={directory.strip()}: {path} has no adapter_config.json")
+            modules[name.strip()] = str(path)
+        self.lora_modules = ",".join(f"{k}={v}" for k, v in modules.items())  # absolute: replicas run elsewhere
+        if self.lora_dir:
+            path = Path(os.path.expanduser(self.lora_dir)).resolve()
+            if not path.is_dir():
+                raise ValueError(f"lora_dir={self.lora_dir}: {path} is not a directory")
+            self.lora_dir = str(path)
         for origin in split_list(self.cors_origins):
             parts = urlsplit(origin)
             if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/")):
@@ -126,6 +153,27 @@ class ServeConfig:
         for host in split_list(self.allowed_hosts):
             if host != "*" and ("/" in host or urlsplit("//" + host).hostname is None):
                 raise ValueError(f"allowed_hosts: {host!r} is not a host name like chat.example.com[:port]")
+
+
+    def adapters(self) -> dict[str, str]:
+        """{adapter name: directory} of every adapter served per request (lora_dir scanned now)."""
+        found = {}
+        if self.lora_dir:
+            found = {d.name: str(d) for d in sorted(Path(self.lora_dir).iterdir())
+                     if ADAPTER_NAME.fullmatch(d.name) and (d / "adapter_config.json").is_file()}
+        return {**found, **dict(item.split("=", 1) for item in split_list(self.lora_modules))}
+
+    def adapter(self, name: str) -> str | None:
+        """The directory of adapter `name`, or None; a lora_dir entry is looked up without scanning."""
+        named = dict(item.split("=", 1) for item in split_list(self.lora_modules))
+        if name in named:
+            return named[name]
+        if self.lora_dir and ADAPTER_NAME.fullmatch(name):  # a plain name: never a path out of lora_dir
+            path = Path(self.lora_dir) / name
+            if (path / "adapter_config.json").is_file():
+                return str(path)
+        return None
+
 
 
 @dataclass
@@ -221,6 +269,16 @@ class MiniMindServer:
         self.created = int(time.time())
         page = (STATIC / "index.html").read_text(encoding="utf-8")
         self.page = page.replace("{{MODEL}}", html.escape(self.cfg.name, quote=True))
+        # Adapters are checked here against a weightless copy of the model (shapes only) before a request naming
+        # one is queued: a bad adapter is a 400 naming it, not an error halfway through a stream.
+        import torch
+
+        from minimind.checkpoint import load_config
+        from minimind.model import MiniMind
+        from serve.adapters import AdapterPool
+        with torch.device("meta"):
+            self._adapter_check = AdapterPool(MiniMind(load_config(self.cfg.model)))
+        self._adapters_ok: dict[str, tuple] = {}  # adapter directory -> the file times it was checked at
 
     def check_health(self):
         # Serve restarts a replica whose engine process died.
@@ -258,14 +316,16 @@ class MiniMindServer:
     @api.get("/v1/models")
     async def models(self, request: Request):
         self._authorize(request)
-        return {"object": "list", "data": [{"id": self.cfg.name, "object": "model", "created": self.created,
-                                            "owned_by": "minimind", "max_model_len": self.engine.context_len}]}
+        base = {"object": "model", "created": self.created, "owned_by": "minimind",
+                "max_model_len": self.engine.context_len}
+        return {"object": "list", "data": [{"id": self.cfg.name, **base}] + [
+            {"id": f"{self.cfg.name}:{name}", **base, "parent": self.cfg.name} for name in self.cfg.adapters()]}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._authorize(request)
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._read_body(request))
-        self._check_model(req.model)
+        adapter = self._resolve_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
@@ -274,19 +334,19 @@ class MiniMindServer:
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
         rid = new_id("chatcmpl")
-        stream = self._start(req, prompt)
+        stream = self._start(req, prompt, adapter)
         if req.stream:
             return _sse_response(self._chat_events(rid, req, stream))
         text, finish, counts = await _collect(stream)
         splitter = ThinkSplitter(self.cfg.reasoning)
         reasoning, content = (a + b for a, b in zip(splitter.push(text), splitter.flush()))
-        return chat_response(rid, self.cfg.name, content, reasoning, finish, counts)
+        return chat_response(rid, req.model, content, reasoning, finish, counts)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         self._authorize(request)
         req: CompletionRequest = parse_request(CompletionRequest, await self._read_body(request))
-        self._check_model(req.model)
+        adapter = self._resolve_model(req.model)
         if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], str)):
             try:  # text, never special tokens (a token-id prompt can name those explicitly)
                 prompt = self.tokenizer.encode_plain(req.prompt if isinstance(req.prompt, str) else req.prompt[0])
@@ -297,11 +357,11 @@ class MiniMindServer:
             if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt):
                 raise ApiError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
         rid = new_id("cmpl")
-        stream = self._start(req, prompt)
+        stream = self._start(req, prompt, adapter)
         if req.stream:
             return _sse_response(self._completion_events(rid, req, stream))
         text, finish, counts = await _collect(stream)
-        return completion_response(rid, self.cfg.name, text, finish, counts)
+        return completion_response(rid, req.model, text, finish, counts)
 
     # ------------------------------------------------------------------ helpers
 
@@ -328,12 +388,27 @@ class MiniMindServer:
                 raise too_big
         return bytes(body)
 
-    def _check_model(self, model: str):
-        if model != self.cfg.name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.cfg.name}'",
+    def _resolve_model(self, model: str) -> str | None:
+        """The adapter directory a model id asks for ('BASE' -> None, 'BASE:NAME' -> NAME's), checked once."""
+        if model == self.cfg.name:
+            return None
+        base, _, name = model.partition(":")
+        path = self.cfg.adapter(name) if base == self.cfg.name and name else None
+        if path is None:
+            served = "'" + "', '".join([self.cfg.name] + [f"{self.cfg.name}:{a}" for a in self.cfg.adapters()]) + "'"
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves {served}",
                            param="model", code="model_not_found")
+        files = [Path(path) / f for f in ("adapter_config.json", "adapter_model.safetensors")]
+        stamp = tuple(f.stat().st_mtime_ns if f.exists() else None for f in files)
+        if self._adapters_ok.get(path) != stamp:
+            try:
+                self._adapter_check.read(path)
+            except (ValueError, OSError) as e:
+                raise ApiError(400, f"the adapter '{name}' cannot be served: {e}", param="model") from None
+            self._adapters_ok[path] = stamp
+        return path
 
-    def _start(self, req, prompt: list[int]):
+    def _start(self, req, prompt: list[int], adapter: str | None = None):
         """Check the token budget and submit to the engine; every refusal here is a 4xx/503 before streaming."""
         asked = req.max_completion_tokens or req.max_tokens
         if asked is not None and asked > self.cfg.max_tokens:
@@ -345,7 +420,8 @@ class MiniMindServer:
                                 f"prompt has {len(prompt)}", param="messages", code="context_length_exceeded")
         params = req.sampling_params(min(self.cfg.max_tokens, room), self.defaults)
         try:
-            return self.engine.stream(prompt, params, stop=req.stop_strings(), ignore_eos=req.ignore_eos)
+            return self.engine.stream(prompt, params, stop=req.stop_strings(), ignore_eos=req.ignore_eos,
+                                      adapter=adapter)
         except ContextLengthExceeded as e:
             raise ApiError(400, str(e), code="context_length_exceeded") from None
         except ValueError as e:
@@ -357,7 +433,7 @@ class MiniMindServer:
             raise _unavailable(e) from None
 
     async def _chat_events(self, rid: str, req: ChatCompletionRequest, stream):
-        name = self.cfg.name
+        name = req.model
         splitter = ThinkSplitter(self.cfg.reasoning)
         yield sse(chat_chunk(rid, name, {"role": "assistant", "content": ""}))
         try:
@@ -383,7 +459,7 @@ class MiniMindServer:
         yield SSE_DONE
 
     async def _completion_events(self, rid: str, req: CompletionRequest, stream):
-        name = self.cfg.name
+        name = req.model
         try:
             async for d in stream:
                 if d.error:

@@ -55,35 +55,42 @@ def _child(conn: Connection):
         return emit
 
     try:
-        engine = load_engine(model_dir, config, lora=lora, dtype=dtype, device=device, on_flush=flush)
+        # The scheduler runs on this (main) thread, the pipe is read on another: see Engine's own_thread.
+        engine = load_engine(model_dir, config, lora=lora, dtype=dtype, device=device, on_flush=flush,
+                             own_thread=False)
     except Exception as e:  # reported to the parent, which raises it where the server is built
         send(("failed", f"{type(e).__name__}: {e}"))
         return
+
+    def read_pipe():
+        try:
+            while True:
+                msg = conn.recv()
+                if msg[0] == "submit":
+                    _, rid, prompt, params, stop, ignore_eos, adapter = msg
+                    try:
+                        req = requests[rid] = engine.submit(prompt, params, emit_to(rid), stop, ignore_eos, adapter)
+                    except (ValueError, OSError, EngineBusy) as e:  # a bad adapter, or a race the parent missed
+                        send(("deltas", [(rid, Delta(finish_reason="error", error=str(e)))]))
+                        continue
+                    if req.finished:  # it may have finished before the line above stored it
+                        requests.pop(rid, None)
+                elif msg[0] == "cancel":
+                    req = requests.get(msg[1])
+                    if req is not None:
+                        req.cancelled = True
+                elif msg[0] == "stats":
+                    send(("stats", msg[1], engine.snapshot()))
+                elif msg[0] == "shutdown":
+                    break
+        except EOFError:  # the server process is gone
+            pass
+        finally:
+            engine.shutdown()  # ends engine.run() below
+
+    threading.Thread(target=read_pipe, name="minimind-engine-pipe", daemon=True).start()
     send(("ready", engine.context_len))
-    try:
-        while True:
-            msg = conn.recv()
-            if msg[0] == "submit":
-                _, rid, prompt, params, stop, ignore_eos = msg
-                try:
-                    req = requests[rid] = engine.submit(prompt, params, emit_to(rid), stop, ignore_eos)
-                except (ValueError, EngineBusy) as e:  # the parent checked already; a race can still refuse
-                    send(("deltas", [(rid, Delta(finish_reason="error", error=str(e)))]))
-                    continue
-                if req.finished:  # it may have finished before the line above stored it
-                    requests.pop(rid, None)
-            elif msg[0] == "cancel":
-                req = requests.get(msg[1])
-                if req is not None:
-                    req.cancelled = True
-            elif msg[0] == "stats":
-                send(("stats", msg[1], engine.snapshot()))
-            elif msg[0] == "shutdown":
-                break
-    except EOFError:  # the server process is gone
-        pass
-    finally:
-        engine.shutdown()
+    engine.run()
 
 
 class EngineProcess:
@@ -134,8 +141,10 @@ class EngineProcess:
         return EngineUnavailable(f"the engine process {why}; this replica is being replaced")
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
-               ignore_eos: bool = False) -> AsyncIterator[Delta]:
-        """Check and submit now (errors raise here), then iterate Deltas; merged when several piled up."""
+               ignore_eos: bool = False, adapter: str | None = None) -> AsyncIterator[Delta]:
+        """Check and submit now (errors raise here), then iterate Deltas; merged when several piled up.
+        adapter: a LoRA adapter directory for this request (Engine.submit); one that fails to load ends the
+        request with an error Delta."""
         params.validate()
         check_budget(prompt_ids, params.max_new_tokens, self.context_len)
         self.check_alive()
@@ -144,7 +153,7 @@ class EngineProcess:
         rid = next(self._ids)
         inbox: asyncio.Queue[Delta] = asyncio.Queue()
         self._inboxes[rid] = (asyncio.get_running_loop(), inbox)
-        self._send(("submit", rid, list(prompt_ids), params, tuple(stop), ignore_eos))
+        self._send(("submit", rid, list(prompt_ids), params, tuple(stop), ignore_eos, adapter))
         return self._drain(rid, inbox)
 
     async def stats(self) -> dict:

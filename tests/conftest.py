@@ -59,6 +59,28 @@ def bundled_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def random_adapter():
+    """`random_adapter(ckpt, out, seed, rank, targets, std)`: a PEFT-format LoRA adapter for checkpoint `ckpt`
+    with random A and B (B ~ N(0, std), as if trained) written to `out`; returns (out, the merged float64 model)."""
+    def make(ckpt, out: Path, seed: int, rank: int, targets=("q_proj", "k_proj", "v_proj", "o_proj"), std=0.05):
+        import torch
+
+        from minimind.checkpoint import load_model
+        from minimind.lora import apply_lora, merge_lora, save_adapter
+
+        model = load_model(ckpt)
+        torch.manual_seed(seed)  # A's initialisation too: the same adapter whichever tests ran before
+        apply_lora(model, rank=rank, alpha=2.0 * rank, targets=targets)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.data.normal_(0, std)
+        out.mkdir(parents=True)
+        save_adapter(model, out)
+        return out, merge_lora(model).double().eval()
+    return make
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for every test that needs Ray.
 

@@ -221,6 +221,42 @@ def test_cancelled_request_frees_its_slot(tiny_ckpt):
     assert not eng.alive
 
 
+@pytest.mark.timeout(90)
+def test_adapters_per_request_share_a_batch_and_equal_their_merged_models(tiny_ckpt, engine, tmp_path,
+                                                                          random_adapter):
+    """Two adapters of different ranks and targets and the base, two requests each, decoded in the same
+    batches: each greedy output equals its merged model's. A bad adapter fails at submission."""
+    a_dir, a_model = random_adapter(tiny_ckpt, tmp_path / "a", 1, 4, ("q_proj", "v_proj"), std=0.5)
+    b_dir, b_model = random_adapter(tiny_ckpt, tmp_path / "b", 2, 8, ("q_proj", "k_proj", "v_proj", "o_proj"), std=0.5)
+    eng = load_engine(tiny_ckpt, EngineConfig(max_batch=6, max_len=256), dtype="float64")
+    try:
+        ps = prompts(eng, 6)
+        adapters = [None, a_dir, b_dir, a_dir, None, b_dir]
+        wants = [generate({None: engine.model, a_dir: a_model, b_dir: b_model}[ad], p, SamplingParams.greedy(10))
+                 for p, ad in zip(ps, adapters)]
+        base = [generate(engine.model, p, SamplingParams.greedy(10)) for p in ps]
+        for ad in (a_dir, b_dir):  # each adapter changes the answer (else this test could not tell them apart)
+            assert any(w != b for w, b, x in zip(wants, base, adapters) if x == ad)
+        events = []
+        with eng._cv:  # one admission: all six share the first decode step
+            reqs = [eng.submit(p, SamplingParams.greedy(10), lambda d, i=i: events.append((i, d)), ignore_eos=True,
+                               adapter=None if ad is None else str(ad)) for i, (p, ad) in enumerate(zip(ps, adapters))]
+        wait_finished(reqs)
+        for i, want in enumerate(wants):
+            assert [t for j, d in events if j == i for t in d.token_ids] == want, f"request {i}"
+        snap = eng.snapshot()
+        assert snap["adapters"] == 2 and snap["batch_sizes"].get(6, 0) > 0
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / ADAPTER_CONFIG).write_text(json.dumps({"rank": 4, "alpha": 8.0}))
+        with pytest.raises(FileNotFoundError, match="needs adapter_config.json and adapter_model.safetensors"):
+            eng.submit(ps[0], SamplingParams.greedy(2), lambda d: None, adapter=str(tmp_path / "bad"))
+        with pytest.raises(FileNotFoundError):
+            eng.submit(ps[0], SamplingParams.greedy(2), lambda d: None, adapter=str(tmp_path / "missing"))
+        assert eng.generate(ps[0], SamplingParams.greedy(10), ignore_eos=True).token_ids == wants[0]
+    finally:
+        eng.shutdown()
+
+
 @pytest.mark.timeout(60)
 def test_lora_adapter_is_merged_at_load(tiny_ckpt, tmp_path):
     from safetensors.torch import save_file

@@ -78,7 +78,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, think_ckpt):
+def adapters(think_ckpt, tmp_path_factory, random_adapter) -> SimpleNamespace:
+    """Two LoRA adapters of the test model, served per request: `alpha` (rank 4, on the MLP) from lora_dir,
+    `beta` (rank 8, on the attention projections) by lora_modules."""
+    root = tmp_path_factory.mktemp("adapters")
+    alpha, alpha_model = random_adapter(think_ckpt.dir, root / "lora_dir" / "alpha", 1, 4, ("up_proj", "down_proj"),
+                                        std=2.0)  # the memorised model needs a strong push to answer otherwise
+    beta, beta_model = random_adapter(think_ckpt.dir, root / "beta", 2, 8, std=0.5)
+    return SimpleNamespace(lora_dir=alpha.parent, beta=beta, models={"alpha": alpha_model, "beta": beta_model})
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, think_ckpt, adapters):
     from ray import serve
 
     from serve.app import build_app
@@ -90,11 +101,12 @@ def server(ray_cluster, think_ckpt):
         app = build_app({"model": str(think_ckpt.dir), "name": MODEL, "dtype": "float64", "max_batch": "8",
                          "max_len": "1024", "max_tokens": "1000", "max_body_bytes": str(64 * 1024),
                          "api_key_env": KEY_ENV, "num_cpus": "1", "cors_origins": ALLOWED_ORIGIN,
-                         "allowed_hosts": ALLOWED_HOST})
+                         "allowed_hosts": ALLOWED_HOST, "lora_dir": str(adapters.lora_dir),
+                         "lora_modules": f"beta={adapters.beta}"})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="minimind-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, port=port, ckpt=think_ckpt,
+    yield SimpleNamespace(url=url, port=port, ckpt=think_ckpt, adapters=adapters,
                           client=openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60),
                           aclient=lambda: openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0,
                                                              timeout=60))
@@ -133,7 +145,7 @@ def test_terminal_chat_needs_one_target():
 def test_health_models_and_page(server):
     health = httpx.get(server.url + "/health", headers=AUTH, timeout=10).json()
     assert health["status"] == "ok" and health["model"] == MODEL
-    assert [m.id for m in server.client.models.list().data] == [MODEL]
+    assert [m.id for m in server.client.models.list().data] == [MODEL, f"{MODEL}:alpha", f"{MODEL}:beta"]
     page = httpx.get(server.url + "/", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert f'<meta name="model" content="{MODEL}">' in page.text
@@ -215,6 +227,45 @@ def test_sampling_parameters(server):
     stop = greedy[len(greedy) // 2:][:2]
     cut = server.client.completions.create(**ask, stop=["never", stop]).choices[0]
     assert cut.text == greedy[:greedy.index(stop)] and cut.finish_reason == "stop"
+
+
+@pytest.mark.timeout(180)
+def test_lora_adapters_per_request_decode_as_their_merged_models(server, tmp_path):
+    """'BASE:ADAPTER' picks a LoRA adapter per request; base and both adapters, asked at once, each decode
+    greedily exactly as the merged model would (float64 replica, token-id prompts). Unknown names are 404 and a
+    broken adapter dropped into lora_dir later is a 400 naming it; the service keeps serving."""
+    tok = server.ckpt.tokenizer
+    prompt = tok.encode_plain("从前有座山，")
+    base = load_model(server.ckpt.dir, dtype=torch.float64).eval()
+    wants = {name: tok.decode(generate(model, prompt, SamplingParams.greedy(12)))
+             for name, model in [(MODEL, base)] + [(f"{MODEL}:{a}", m) for a, m in server.adapters.models.items()]}
+    assert len(set(wants.values())) == 3  # the adapters change the answer
+
+    async def all_at_once():
+        async with server.aclient() as client:
+            async def one(model):
+                r = await client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                                    extra_body={"ignore_eos": True})
+                return r.model, r.choices[0].text
+            return await asyncio.gather(*(one(m) for m in wants for _ in range(2)))
+
+    got = asyncio.run(all_at_once())
+    assert got == [(m, wants[m]) for m in wants for _ in range(2)]
+    assert engine_stats(server)["adapters"] == 2
+    for bad in (f"{MODEL}:nope", f"{MODEL}:../beta", "other:alpha", f"{MODEL}:"):
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            server.client.completions.create(model=bad, prompt=prompt, max_tokens=2)
+    broken = server.adapters.lora_dir / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"rank": 4, "alpha": 8}')
+    try:
+        with pytest.raises(openai.BadRequestError, match="adapter 'broken' cannot be served"):
+            server.client.completions.create(model=f"{MODEL}:broken", prompt=prompt, max_tokens=2)
+    finally:
+        shutil.rmtree(broken)
+    chat = server.client.chat.completions.create(model=f"{MODEL}:alpha", max_tokens=4,
+                                                 messages=[{"role": "user", "content": QUESTION}])
+    assert chat.model == f"{MODEL}:alpha" and chat.choices[0].finish_reason in ("stop", "length")
 
 
 @pytest.mark.timeout(180)

@@ -346,7 +346,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(project_tokenizer, poetry
     repo = Path(__file__).resolve().parents[1]
     argv = [sys.executable, str(repo / "tune" / "sweep.py"), "--stage", "pretrain", "--param", "lr=grid:1e-3,3e-3",
             "--max-concurrent", "1", "--storage-path", str(tmp_path / "runs"), "--name", "cut",
-            *base_sets(project_tokenizer, poetry, tmp_path / "cache", max_steps=8, cpus_per_worker=0.5),
+            *base_sets(project_tokenizer, poetry, tmp_path / "cache", max_steps=6, cpus_per_worker=0.5),
             "save_interval=2", "keep_checkpoints=2"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "__RAY_"))}  # its own cluster
     sweep = tmp_path / "runs" / "cut"
@@ -384,4 +384,4 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(project_tokenizer, poetry
     assert (sweep / "best_config.yaml").is_file()
     assert (sweep / "models" / first_trial / "trainer_state.json").stat().st_mtime_ns == finished_at  # not rerun
     resumed = json.loads((sweep / "models" / second[0].name / "trainer_state.json").read_text())
-    assert resumed["step"] == 8 and resumed["restored_from"], resumed  # from its checkpoint, not step 0
+    assert resumed["step"] == 6 and resumed["restored_from"], resumed  # from its checkpoint, not step 0

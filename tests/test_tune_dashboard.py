@@ -1,4 +1,4 @@
-"""`tune/sweep.py --dashboard`, end to end: a small sweep (a subprocess) on a dedicated one-node cluster with
+"""`tune/sweep.py --dashboard`, end to end: a one-trial sweep (a subprocess) on a dedicated one-node cluster with
 the dashboard on 127.0.0.1, loaded in headless Chromium, showing the sweep's trials and the metrics their
 workers printed.
 
@@ -53,7 +53,7 @@ def start_head(tmp: Path) -> tuple[subprocess.Popen, str, str]:
 def start_sweep(tmp: Path, project_tokenizer: Path, address: str) -> subprocess.Popen:
     poems = BUNDLED_DATA / "sample_corpus.jsonl"
     cmd = [sys.executable, str(REPO / "tune" / "sweep.py"), "--dashboard", "--linger", "120",
-           "--stage", "pretrain", "--param", "lr=grid:1e-3,3e-3", "--storage-path", str(tmp / "runs"),
+           "--stage", "pretrain", "--param", "lr=grid:1e-3", "--storage-path", str(tmp / "runs"),
            "--name", "dash", "--set", "preset=tiny", "max_seq_len=64", "batch_size=8", "accumulation_steps=1",
            "num_workers=2", "cpus_per_worker=0.5", "max_steps=2", "log_interval=1", "max_failures=0",
            f"data={poems}", f"tokenizer={project_tokenizer}", f"cache_dir={tmp / 'cache'}"]
@@ -96,13 +96,13 @@ def test_sweep_dashboard_shows_trials_and_their_metrics(project_tokenizer, chrom
         assert url == dashboard
         wait_for_line(tmp_path / "sweep.log", proc, r"the dashboard stays up", 240)  # the sweep is over
         results = json.loads((tmp_path / "runs" / "dash" / "results.json").read_text())
-        assert sorted(r["status"] for r in results) == ["done", "done"]
+        assert [r["status"] for r in results] == ["done"]
 
         # The actors the page lists, as its own REST call returns them: each trial, and its Train workers.
         actors = httpx.get(f"{url}/logical/actors", timeout=30).json()["data"]["actors"].values()
         trials = [a for a in actors if a["reprName"] == "pretrain_trial"]  # Tune's trainable, by its name
         workers = [a for a in actors if a["actorClass"] == "RayTrainWorker"]
-        assert len(trials) == 2 and len(workers) == 4
+        assert len(trials) == 1 and len(workers) == 2
 
         browser = Browser(chromium, tmp_path / "profile")
         page = "document.readyState === 'complete' && document.body && document.body.innerText"
@@ -132,7 +132,7 @@ def test_sweep_dashboard_shows_trials_and_their_metrics(project_tokenizer, chrom
             except AssertionError:
                 seen.append(browser.eval(page))
         progress = [line for text in seen for line in text.splitlines() if re.search(r"\] 2/2 loss \d", line)]
-        assert len(progress) == 2, seen  # rank 0 of each trial printed its last step
+        assert len(progress) == 1, seen  # rank 0 printed its last step
     finally:
         if browser is not None:
             browser.close()
