@@ -11,9 +11,7 @@ on the main thread as in a Serve replica's engine process.
   python bench/bench_multi_lora.py         # small preset, rank 16 on q/k/v/o, c = 1, 8, 32 (~2 min)
 Prints a table and writes bench/results/multi_lora.json.
 """
-import json
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from engine_bench import AllFinished, random_checkpoint, write_result  # noqa: E402
 
 
 @dataclass
@@ -39,31 +39,12 @@ class BenchConfig:
 
 def run(engine, prompts, adapters, new_tokens) -> tuple[float, int]:
     from minimind.generate import SamplingParams
-    done = all_finished(len(prompts))
+    done = AllFinished(len(prompts))
     start = time.perf_counter()
     reqs = [engine.submit(p, SamplingParams.greedy(new_tokens), done.emit, ignore_eos=True, adapter=a)
             for p, a in zip(prompts, adapters)]
     done.wait()
     return time.perf_counter() - start, sum(len(r.output) for r in reqs)
-
-
-class all_finished:
-    """An emit callback that sets an event when `n` requests have finished. Waiting on it, not polling the
-    requests: a polling thread takes the GIL from the scheduler thread at every torch op that releases it
-    (measured: 19 -> 50 ms per decode step with adapters, whose forward has ~300 more small ops)."""
-
-    def __init__(self, n: int):
-        self.left, self.event, self.lock = n, threading.Event(), threading.Lock()
-
-    def emit(self, delta):
-        if delta.finish_reason is not None:
-            with self.lock:
-                self.left -= 1
-                if self.left == 0:
-                    self.event.set()
-
-    def wait(self):
-        self.event.wait()
 
 
 def make_adapter(ckpt: Path, out: Path, rank: int, seed: int) -> str:
@@ -81,20 +62,12 @@ def make_adapter(ckpt: Path, out: Path, rank: int, seed: int) -> str:
 
 
 def main(argv=None):
-    from minimind.__main__ import default_tokenizer
-    from minimind.checkpoint import save_checkpoint
-    from minimind.config import PRESETS
     from minimind.configcli import parse_config
-    from minimind.model import MiniMind
     from serve.engine import EngineConfig, load_engine
     cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0], prog="bench/bench_multi_lora.py")
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
-    tok = default_tokenizer()
-    tmp = Path(tempfile.mkdtemp())
-    ckpt = tmp / cfg.preset
-    save_checkpoint(MiniMind(PRESETS[cfg.preset]), ckpt, tokenizer=tok)
-    two = [make_adapter(ckpt, tmp / f"adapter-{i}", cfg.rank, i) for i in (1, 2)]
+    ckpt, tok = random_checkpoint(cfg.preset)
+    two = [make_adapter(ckpt, ckpt.parent / f"adapter-{i}", cfg.rank, i) for i in (1, 2)]
     g = torch.Generator().manual_seed(1)
     top = max(cfg.concurrency)
     prompts = [torch.randint(3, tok.vocab_size, (cfg.prompt_tokens,), generator=g).tolist() for _ in range(top)]
@@ -137,10 +110,7 @@ def main(argv=None):
     print(f"{'setting':12}{'conc':>6}{'tokens/s':>10}")
     for r in result["rows"]:
         print(f"{r['setting']:12}{r['concurrency']:>6}{r['tokens_per_s']:>10.0f}")
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, cfg.out)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,7 @@ steps. The two settings alternate round by round (best of --rounds each), so bot
   python bench/bench_packed_linear.py         # small preset, c = 1, 8, 32, 64 tokens (~2 min)
 Prints a table and writes bench/results/packed_linear.json.
 """
-import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from engine_bench import random_checkpoint, write_result  # noqa: E402
 
 
 @dataclass
@@ -43,19 +43,12 @@ def run(engine, prompts, new_tokens) -> tuple[float, int, int]:
 
 
 def main(argv=None):
-    from minimind.__main__ import default_tokenizer
-    from minimind.checkpoint import save_checkpoint
-    from minimind.config import PRESETS
     from minimind.configcli import parse_config
     from minimind.generate import SamplingParams
-    from minimind.model import MiniMind
     from serve.engine import EngineConfig, load_engine
     cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0], prog="bench/bench_packed_linear.py")
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
-    tok = default_tokenizer()
-    ckpt = Path(tempfile.mkdtemp()) / cfg.preset
-    save_checkpoint(MiniMind(PRESETS[cfg.preset]), ckpt, tokenizer=tok)
+    ckpt, tok = random_checkpoint(cfg.preset)
     g = torch.Generator().manual_seed(1)
     top = max(cfg.concurrency)
     prompts = [torch.randint(3, tok.vocab_size, (cfg.prompt_tokens,), generator=g).tolist() for _ in range(top)]
@@ -87,10 +80,7 @@ def main(argv=None):
     print(f"{'linear':10}{'conc':>6}{'tokens/s':>10}{'ms/step':>10}")
     for r in result["rows"]:
         print(f"{r['linear']:10}{r['concurrency']:>6}{r['tokens_per_s']:>10.0f}{r['ms_per_step']:>10.2f}")
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, cfg.out)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ output tokens / wall time of the level. Budgets alternate round by round
 Prints a table and writes bench/results/prefill.json.
 """
 import bisect
-import json
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from engine_bench import AllFinished, random_checkpoint, write_result  # noqa: E402
 
 
 @dataclass
@@ -50,11 +50,10 @@ def mixed_lengths(n: int, low: int, high: int, seed: int = 1) -> list[int]:
 def run_level(engine, flushes: list[float], prompts, new_tokens) -> dict:
     from minimind.generate import SamplingParams
     forwards = engine.stats["prefill_forwards"]
-    from bench_multi_lora import all_finished
-    done = all_finished(len(prompts))
+    done = AllFinished(len(prompts))
     start = time.perf_counter()
     reqs = [engine.submit(p, SamplingParams.greedy(new_tokens), done.emit, ignore_eos=True) for p in prompts]
-    done.wait()  # not polling: a polling thread slows the scheduler thread down (see all_finished)
+    done.wait()
     wall = time.perf_counter() - start
     shipped = [bisect.bisect_left(flushes, r.first_token_at) for r in reqs]
     ttft = sorted((flushes[i] if i < len(flushes) else r.finished_at) - r.submitted_at for r, i in zip(reqs, shipped))
@@ -66,19 +65,12 @@ def run_level(engine, flushes: list[float], prompts, new_tokens) -> dict:
 
 
 def main(argv=None):
-    from minimind.__main__ import default_tokenizer
-    from minimind.checkpoint import save_checkpoint
-    from minimind.config import PRESETS
     from minimind.configcli import parse_config
-    from minimind.model import MiniMind
     from serve.engine import EngineConfig, load_engine
     cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0], prog="bench/bench_prefill.py")
     low, high = cfg.prompt_tokens
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
-    tok = default_tokenizer()
-    ckpt = Path(tempfile.mkdtemp()) / cfg.preset
-    save_checkpoint(MiniMind(PRESETS[cfg.preset]), ckpt, tokenizer=tok)
+    ckpt, tok = random_checkpoint(cfg.preset)
     top = max(cfg.concurrency)
     g = torch.Generator().manual_seed(2)
     lengths = mixed_lengths(top, low, high)
@@ -111,10 +103,7 @@ def main(argv=None):
     for r in result["rows"]:
         print(f"{r['prefill_tokens']:>7}{r['concurrency']:>6}{r['ttft_p50_ms']:>10.0f}{r['ttft_p99_ms']:>10.0f}"
               f"{r['tpot_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['prefill_forwards']:>9}")
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, cfg.out)
 
 
 if __name__ == "__main__":

@@ -133,13 +133,13 @@ class ServeConfig:
             self.lora = str(Path(os.path.expanduser(self.lora)).resolve())
         modules = {}
         for item in split_list(self.lora_modules):
-            name, sep, directory = item.partition("=")
-            if not sep or not ADAPTER_NAME.fullmatch(name.strip()) or not directory.strip():
+            name, sep, directory = (part.strip() for part in item.partition("="))
+            if not sep or not ADAPTER_NAME.fullmatch(name) or not directory:
                 raise ValueError(f"lora_modules: {item!r} is not NAME=DIR (NAME of letters, digits, '.', '_', '-')")
-            path = Path(os.path.expanduser(directory.strip())).resolve()
+            path = Path(os.path.expanduser(directory)).resolve()
             if not (path / "adapter_config.json").is_file():
-                raise ValueError(f"lora_modules: {name.strip()}={directory.strip()}: {path} has no adapter_config.json")
-            modules[name.strip()] = str(path)
+                raise ValueError(f"lora_modules: {name}={directory}: {path} has no adapter_config.json")
+            modules[name] = str(path)
         self.lora_modules = ",".join(f"{k}={v}" for k, v in modules.items())  # absolute: replicas run elsewhere
         if self.lora_dir:
             path = Path(os.path.expanduser(self.lora_dir)).resolve()
@@ -155,17 +155,21 @@ class ServeConfig:
                 raise ValueError(f"allowed_hosts: {host!r} is not a host name like chat.example.com[:port]")
 
 
+    def named_adapters(self) -> dict[str, str]:
+        """{name: directory} of lora_modules (normalised by __post_init__ to NAME=/absolute/dir)."""
+        return dict(item.split("=", 1) for item in split_list(self.lora_modules))
+
     def adapters(self) -> dict[str, str]:
         """{adapter name: directory} of every adapter served per request (lora_dir scanned now)."""
         found = {}
         if self.lora_dir:
             found = {d.name: str(d) for d in sorted(Path(self.lora_dir).iterdir())
                      if ADAPTER_NAME.fullmatch(d.name) and (d / "adapter_config.json").is_file()}
-        return {**found, **dict(item.split("=", 1) for item in split_list(self.lora_modules))}
+        return {**found, **self.named_adapters()}
 
     def adapter(self, name: str) -> str | None:
         """The directory of adapter `name`, or None; a lora_dir entry is looked up without scanning."""
-        named = dict(item.split("=", 1) for item in split_list(self.lora_modules))
+        named = self.named_adapters()
         if name in named:
             return named[name]
         if self.lora_dir and ADAPTER_NAME.fullmatch(name):  # a plain name: never a path out of lora_dir

@@ -110,14 +110,13 @@ class Request:
         self.stop, self.stop_ids, self.emit = tuple(stop), stop_ids, emit
         # A stop string may straddle pieces: hold back this many characters until the next token decides.
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
-        self.prompt_t = torch.tensor(prompt, device=device)
         self.generator = make_generator(params, device)
         # Penalty state, kept up to date token by token (not rebuilt from the whole output every step).
         self.seen = self.generated = None
         if params.repetition_penalty != 1.0 or params.presence_penalty:
             vocab = vocab_size or tokenizer.vocab_size
             self.generated = token_mask(vocab, [], device)
-            self.seen = token_mask(vocab, self.prompt_t, device)
+            self.seen = token_mask(vocab, torch.tensor(prompt, device=device), device)
         self.stream = TextStream(tokenizer)
         self.output: list[int] = []
         self.text = ""      # decoded output, already cut at a stop string
