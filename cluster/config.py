@@ -38,8 +38,8 @@ class TrainConfig:
     # Hardware
     profile: str = _help("hardware profile", default="cpu", meta={"choices": ["cpu", "4090", "multi-gpu"]})
     num_workers: int = _help("Ray Train workers (0: the profile's choice)", default=0)
-    use_gpu: str = _help("override the profile: 'true' or 'false' ('' keeps the profile's)", default="")
-    zero_stage: int = _help("DeepSpeed ZeRO stage 1/2/3; 0 = DDP; -1 = the profile's choice", default=-1)
+    use_gpu: bool | None = _help("override the profile: true or false (absent: the profile's)", default=None)
+    zero_stage: int | None = _help("DeepSpeed ZeRO stage 1/2/3; 0 = DDP (absent: the profile's)", default=None)
     cpus_per_worker: float = _help("CPUs reserved per worker", default=1.0)
     gpus_per_worker: float = _help("GPUs per worker; a fraction lets small trials share a GPU", default=1.0)
     # Optimisation (MiniMind's pretrain defaults)
@@ -100,10 +100,10 @@ class TrainConfig:
             get_preset(self.preset)
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; choose one of {sorted(PROFILES)}")
-        if self.zero_stage not in (-1, 0, 1, 2, 3):
-            raise ValueError("--zero-stage must be 0 (DDP), 1, 2 or 3")
-        if self.use_gpu not in ("", "true", "false"):
-            raise ValueError("--use-gpu takes 'true' or 'false'")
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"--zero-stage must be 0 (DDP), 1, 2 or 3, got {self.zero_stage!r}")
+        if self.use_gpu not in (None, True, False):
+            raise ValueError(f"--use-gpu takes true or false, got {self.use_gpu!r}")
         if not self.data:
             raise ValueError("--data names no input")
         from .loggers import check_logger_names
@@ -189,12 +189,16 @@ def in_ray_job_working_dir() -> bool:
 
 @dataclass(frozen=True)
 class Profile:
-    """What a kind of machine runs by default."""
+    """What a kind of machine runs by default; `resolve` returns one with a config's overrides applied, which
+    is what the launcher and loop use (`Resolved`)."""
     use_gpu: bool
-    num_workers: int          # 0: one per GPU in the cluster
+    num_workers: int          # 0 in a profile: one per GPU in the cluster; resolved, the actual count
     zero_stage: int           # 0 = DDP
     dtype: str                # autocast dtype on GPU; CPU trains in fp32
     backend: str
+
+
+Resolved = Profile
 
 
 PROFILES = {
@@ -207,20 +211,10 @@ PROFILES = {
 }
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """A config with the profile's choices filled in, as the launcher and loop use it."""
-    use_gpu: bool
-    num_workers: int
-    zero_stage: int
-    dtype: str
-    backend: str
-
-
 def resolve(cfg: TrainConfig, gpus_in_cluster: int = 0) -> Resolved:
     p = PROFILES[cfg.profile]
-    use_gpu = p.use_gpu if cfg.use_gpu == "" else cfg.use_gpu == "true"
-    workers = cfg.num_workers or p.num_workers or max(gpus_in_cluster, 1)
-    zero = p.zero_stage if cfg.zero_stage == -1 else cfg.zero_stage
-    return Resolved(use_gpu=use_gpu, num_workers=workers, zero_stage=zero,
-                    dtype=p.dtype if use_gpu else "float32", backend="nccl" if use_gpu else "gloo")
+    use_gpu = p.use_gpu if cfg.use_gpu is None else cfg.use_gpu
+    return dataclasses.replace(
+        p, use_gpu=use_gpu, num_workers=cfg.num_workers or p.num_workers or max(gpus_in_cluster, 1),
+        zero_stage=p.zero_stage if cfg.zero_stage is None else cfg.zero_stage,
+        dtype=p.dtype if use_gpu else "float32", backend="nccl" if use_gpu else "gloo")

@@ -1,8 +1,11 @@
 """A command line generated from a config dataclass, so flags never drift from the config.
 
-Every field becomes `--field-name` (bools get `--x/--no-x`); help text comes from `field(metadata={"help": ...})`.
+Every field becomes `--field-name` (bools get `--x/--no-x`; an Optional[bool] takes `--x true|false`, absent
+is None); help text comes from `field(metadata={"help": ...})`.
 Values are layered: dataclass defaults < `--config FILE` (JSON or YAML) < explicit flags.
 Unknown keys in a config file are an error naming the file.
+`convert` is the one place a raw value (a flag's or `k=v` string, a YAML/JSON value) becomes a field's type:
+the stages, the sweep's search space and --set, and Serve's builder arguments all go through it.
 """
 from __future__ import annotations
 
@@ -30,6 +33,77 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean, got {text!r}")
 
 
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(name: str, tp, value):
+    """`value` as field `name`'s declared type `tp`, or a ValueError naming the field.
+
+    Strings are what flags and `serve run k=v` give; YAML/JSON give typed values, with the quirks handled
+    here: `1e-4` reads as a string, `4090` as an int where a str is declared, a single item where a list is.
+    An Optional field takes None, or '' from a string (so `--set use_gpu=` restores the default).
+    """
+    inner, optional = _unwrap_optional(tp)
+    if optional and (value is None or value == ""):
+        return None
+    origin = typing.get_origin(inner)
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(inner) if a is not Ellipsis]
+        item = args[0] if args else str
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return origin(convert(name, item, v) for v in items)
+    if inner not in (bool, int, float, str):
+        raise TypeError(f"config field {name}: unsupported type {tp}")
+    bad = ValueError(f"{name}={value!r} is not a valid {_type_name(inner)}"
+                     + (" (true or false)" if inner is bool else ""))
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):  # `kv_cache: 0` in a YAML file
+            return bool(value)
+        if isinstance(value, str):
+            try:
+                return parse_bool(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if isinstance(value, bool):  # True is an int to Python, never a number to a user
+        raise bad
+    if inner is str:
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise bad
+    try:
+        if inner is float:
+            if isinstance(value, (int, float, str)):
+                return float(value)
+            raise bad
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                value = float(value)  # '1e3' from YAML or a flag
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise bad
+
+
+def _flag_type(name: str, tp):
+    """An argparse `type` through `convert`, whose message names the field (argparse's says 'invalid value')."""
+    def parse(text: str):
+        try:
+            return convert(name, tp, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = _type_name(tp)
+    return parse
+
+
 def _inherited_help(cls, name: str) -> str:
     """A subclass that only changes a default keeps the base field's help."""
     for base in cls.__mro__:
@@ -47,16 +121,18 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hints: dic
     help_text = f.metadata.get("help") or _inherited_help(cls, f.name)
     help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
     kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-    if tp is bool:
+    if tp is bool and not optional:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif tp is bool:  # three states, so a value is needed: true, false, or no flag (None)
+        parser.add_argument(flag, type=_flag_type(f.name, tp), metavar="{true,false}", **kwargs)
     elif typing.get_origin(tp) in (tuple, list):
         inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
-        parser.add_argument(flag, nargs="*", type=inner, metavar=f.name.upper(), **kwargs)
+        parser.add_argument(flag, nargs="*", type=_flag_type(f.name, inner), metavar=f.name.upper(), **kwargs)
     elif tp in (int, float, str):
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, type=tp, metavar=f.name.upper() if "choices" not in f.metadata else None,
-                            **kwargs)
+        parser.add_argument(flag, type=_flag_type(f.name, tp),
+                            metavar=f.name.upper() if "choices" not in f.metadata else None, **kwargs)
     else:
         raise TypeError(f"config field {f.name}: unsupported type {tp}")
 
@@ -97,22 +173,9 @@ def read_config_file(path, cls) -> dict:
 
 
 def coerce(cls, values: dict) -> dict:
-    """Convert JSON/YAML values (lists, ints for floats) to the field types."""
+    """`values` (field name -> raw value) with each converted to its field's type by `convert`."""
     hints = typing.get_type_hints(cls)
-    out = {}
-    for name, value in values.items():
-        tp, _ = _unwrap_optional(hints[name])
-        if value is None:
-            out[name] = None
-        elif typing.get_origin(tp) is tuple:
-            out[name] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
-            out[name] = float(value)
-        elif tp is bool and isinstance(value, str):
-            out[name] = parse_bool(value)
-        else:
-            out[name] = value
-    return out
+    return {name: convert(name, hints[name], value) for name, value in values.items()}
 
 
 def parse_config(cls, argv=None, description: str = "", prog: str | None = None, base=None):

@@ -45,7 +45,6 @@ from serve.guard import arm_proxy
 loopback_env()
 arm_proxy()  # the proxy's own /-/routes behind the key too (serve/guard.py); build_app names the key's variable
 
-import pydantic  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
 from ray import serve  # noqa: E402
@@ -489,12 +488,13 @@ def parse_args(args: dict) -> ServeConfig:
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown application arguments {unknown}; known: {sorted(known)}")
+    from minimind.configcli import coerce  # the conversion the stages' flags and config files use
+
     try:
-        return pydantic.TypeAdapter(ServeConfig).validate_python(dict(args))
-    except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        where = f"application argument {'.'.join(map(str, err['loc']))}: " if err["loc"] else ""
-        raise ValueError(where + err["msg"].removeprefix("Value error, ")) from None
+        values = coerce(ServeConfig, args)
+    except ValueError as e:
+        raise ValueError(f"application argument {e}") from None
+    return ServeConfig(**values)
 
 
 def build_app(args: dict) -> serve.Application:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from minimind.configcli import parse_config
+from minimind.configcli import convert, parse_config
 from stages.distill import DistillConfig
 from stages.dpo import DPOConfig
 from stages.lora import LoRAConfig
@@ -96,3 +96,21 @@ def test_stage_exits_with_clear_error_before_work(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs a reference model" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_one_conversion_for_flags_config_files_and_builder_args():
+    # Strings (flags, `serve run k=v`, --set) and YAML's typed values land on the declared type alike.
+    assert convert("lr", float, "1e-4") == 1e-4 and convert("lr", float, 3) == 3.0
+    assert convert("batch_size", int, "16") == 16 and convert("batch_size", int, "1e3") == 1000
+    assert convert("batch_size", int, 8.0) == 8
+    assert convert("profile", str, 4090) == "4090"  # YAML reads `profile: 4090` as a number
+    assert convert("pack", bool, "off") is False and convert("pack", bool, 1) is True
+    assert convert("use_gpu", bool | None, None) is None and convert("use_gpu", bool | None, "") is None
+    assert convert("use_gpu", bool | None, "true") is True
+    assert convert("zero_stage", int | None, 0) == 0  # 0 is a stage (DDP), not "unset"
+    assert convert("data", tuple[str, ...], "a.jsonl") == ("a.jsonl",)
+    assert convert("data", tuple[str, ...], ["a", "b"]) == ("a", "b")
+    for name, tp, value in [("batch_size", int, "8.5"), ("batch_size", int, True), ("pack", bool, 2),
+                            ("use_gpu", bool | None, "maybe"), ("out", str, None), ("lr", float, "fast")]:
+        with pytest.raises(ValueError, match=f"^{name}={value!r} is not a valid ".replace("(", "\\(")):
+            convert(name, tp, value)

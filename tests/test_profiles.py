@@ -4,6 +4,7 @@ import math
 import pytest
 
 from cluster.config import TrainConfig, resolve
+from minimind.configcli import parse_config
 from cluster.loop import lr_schedule
 
 
@@ -28,10 +29,45 @@ def test_flags_override_the_profile():
     assert resolve(TrainConfig(profile="multi-gpu", zero_stage=0), 8).zero_stage == 0      # --zero-stage 0: DDP
     assert resolve(TrainConfig(profile="multi-gpu", zero_stage=3), 8).zero_stage == 3
     assert resolve(TrainConfig(profile="multi-gpu", num_workers=2), 8).num_workers == 2
-    off = resolve(TrainConfig(profile="4090", use_gpu="false"))
+    off = resolve(TrainConfig(profile="4090", use_gpu=False))
     assert (off.use_gpu, off.dtype, off.backend) == (False, "float32", "gloo")  # CPU always trains in fp32
-    on = resolve(TrainConfig(profile="cpu", use_gpu="true"))
+    on = resolve(TrainConfig(profile="cpu", use_gpu=True))
     assert (on.use_gpu, on.backend, on.dtype) == (True, "nccl", "float32")  # the cpu profile's dtype is fp32
+
+
+@pytest.mark.parametrize("argv, use_gpu, zero_stage", [
+    ([], True, 2),                                   # no flags: the multi-gpu profile's own choices
+    (["--use-gpu", "false"], False, 2),
+    (["--use-gpu", "true", "--zero-stage", "0"], True, 0),  # 0 is DDP, not "unset"
+    (["--zero-stage", "3"], True, 3),
+])
+def test_hardware_flags_on_the_command_line(argv, use_gpu, zero_stage):
+    cfg = parse_config(TrainConfig, ["--profile", "multi-gpu", *argv])
+    cfg.validate()
+    r = resolve(cfg, gpus_in_cluster=4)
+    assert (r.use_gpu, r.zero_stage) == (use_gpu, zero_stage)
+    assert r.dtype == ("bfloat16" if use_gpu else "float32") and r.backend == ("nccl" if use_gpu else "gloo")
+    absent = parse_config(TrainConfig, ["--profile", "cpu"])
+    assert (absent.use_gpu, absent.zero_stage) == (None, None)
+    assert parse_config(TrainConfig, ["--use-gpu", "false"]).use_gpu is False
+
+
+def test_bad_hardware_flags_are_clear_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--use-gpu", "maybe"])
+    assert "argument --use-gpu: use_gpu='maybe' is not a valid bool (true or false)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--zero-stage", "two"])
+    assert "zero_stage='two' is not a valid int" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--zero-stage must be 0 \\(DDP\\), 1, 2 or 3"):
+        parse_config(TrainConfig, ["--zero-stage", "4"]).validate()
+    config = tmp_path / "hw.yaml"
+    config.write_text("profile: multi-gpu\nuse_gpu: false\nzero_stage: 0\n")
+    cfg = parse_config(TrainConfig, ["--config", str(config)])
+    assert (cfg.use_gpu, cfg.zero_stage) == (False, 0) and resolve(cfg, 2).zero_stage == 0
+    config.write_text("use_gpu: maybe\n")
+    with pytest.raises(ValueError, match="use_gpu='maybe' is not a valid bool"):
+        parse_config(TrainConfig, ["--config", str(config)])
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from minimind.configcli import parse_bool
+from minimind.configcli import convert
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "const")
 
@@ -40,24 +40,14 @@ def field_types(config_cls) -> dict[str, type]:
 
 
 def _convert(name: str, tp, value):
-    """One value to the field's type; YAML reads `1e-4` as a string and flags are all strings."""
+    """One value to the field's type, by the stages' own conversion (YAML reads `1e-4` as a string, flags
+    are all strings), so a sweep accepts exactly the words the stage's flags and config files do."""
     try:
-        if tp is bool:
-            return value if isinstance(value, bool) else parse_bool(str(value))  # the words flags accept
-        if tp is int:
-            as_float = float(value)
-            if as_float != int(as_float):
-                raise ValueError(value)
-            return int(as_float)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
-        if typing.get_origin(tp) is tuple:  # e.g. data: a list of files, or one file
-            return tuple(value) if isinstance(value, (list, tuple)) else (str(value),)
-    except (TypeError, ValueError):
-        raise ValueError(f"search space: {name}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
-    raise ValueError(f"search space: field {name} has type {tp}, which cannot be swept")
+        return convert(name, tp, value)
+    except ValueError as e:
+        raise ValueError(f"search space: {e}") from None
+    except TypeError:
+        raise ValueError(f"search space: field {name} has type {tp}, which cannot be swept") from None
 
 
 def make_param(name: str, kind: str, values, config_cls) -> Param:

@@ -81,7 +81,7 @@ def trial_config(base, params: dict, sweep_dir: Path, trial_id: str, token_budge
         if not any(f.name == "gpus_per_worker" for f in dataclasses.fields(cfg)):
             raise ValueError("--gpus-per-trial needs a `gpus_per_worker` field in TrainConfig, honoured by "
                              "cluster/launcher.py (fractional GPUs per Train worker); it has none yet")
-        cfg = cfg.replace(use_gpu="true", gpus_per_worker=gpus_per_trial / workers(cfg))
+        cfg = cfg.replace(use_gpu=True, gpus_per_worker=gpus_per_trial / workers(cfg))
     cfg.validate()
     return cfg
 
