@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cluster.config import BUNDLED_DATA
-from test_multinode import CLUSTER_ENV, RAY, free_ports
+from loopback_cluster import CLUSTER_ENV, RAY, free_ports
 from test_serve import Browser, chromium  # noqa: F401  (the Chromium driver and its fixture)
 
 REPO = Path(__file__).resolve().parents[1]
