@@ -61,8 +61,8 @@ def lr_schedule(total: int, warmup: float, min_ratio: float):
 def build_strategy(cfg: TrainConfig, res: Resolved, model, optimizer, scheduler, device):
     if res.zero_stage:
         return DeepSpeed(model, optimizer, scheduler, cfg.grad_clip, cfg.accumulation_steps, cfg.batch_size,
-                         res.zero_stage, res.dtype)
-    return Plain(model, optimizer, scheduler, cfg.grad_clip, cfg.accumulation_steps, device)
+                         res.zero_stage, res.dtype, compile=cfg.compile)
+    return Plain(model, optimizer, scheduler, cfg.grad_clip, cfg.accumulation_steps, device, compile=cfg.compile)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -164,8 +164,8 @@ def accumulate_gradients(stage, strategy, micro: list[dict], seq_len: int, world
     """Backward over one optimizer step's micro-batches, so that the gradient is that of
     sum(loss sums) / sum(weights) over every micro-batch of every rank (plus the per-batch terms averaged).
 
-    Leaves the last micro-batch's `strategy.micro_step()` to the caller, so a caller (a test) can read the
-    reduced gradient before the optimizer consumes it. Returns (global [weight, real tokens, slots],
+    Leaves `strategy.step()` to the caller, so a caller (a test) can read the reduced gradient before the
+    optimizer consumes it. Returns (global [weight, real tokens, slots],
     local loss sum, summed per-micro-batch metrics), all still on the device: no host sync here."""
     counts = torch.stack([torch.cat([stage.weight(b).double().reshape(1).to(device),
                                      token_counts(b, seq_len).to(device)]) for b in micro]).sum(0)
@@ -179,8 +179,6 @@ def accumulate_gradients(stage, strategy, micro: list[dict], seq_len: int, world
             out = stage.loss(strategy.model, batch)
             term = out.total / step_weight + out.per_batch / (len(micro) * world)
         strategy.backward(term)
-        if i < len(micro) - 1:
-            strategy.micro_step()
         loss_sum = loss_sum + out.total.detach().double()
         for k, v in out.metrics.items():
             metrics[k] = metrics.get(k, 0) + v.detach().float()
@@ -211,8 +209,6 @@ def train(cfg: TrainConfig, stage, ctx) -> TrainState:
         state = read_trainer_state(restore)
         state.restored_from.append(state.step)
         ctx.print(f"restored {restore} at step {state.step} (micro-batch {state.micro_batches})")
-    if cfg.compile:
-        strategy.model = torch.compile(strategy.model)
 
     world = ctx.world_size
     logger = MetricsLogger(cfg, ctx, total, flops_per_token(strategy.module.config, cfg.max_seq_len))
@@ -228,7 +224,6 @@ def train(cfg: TrainConfig, stage, ctx) -> TrainState:
         micro = [next(batches) for _ in range(cfg.accumulation_steps)]
         counts, step_loss, step_metrics = accumulate_gradients(stage, strategy, micro, cfg.max_seq_len, world,
                                                                device, res.dtype)
-        strategy.micro_step()
         state.micro_batches += len(micro)
         window_micro += len(micro)
         loss_sum = loss_sum + step_loss

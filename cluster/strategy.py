@@ -1,11 +1,17 @@
 """How a built model is wrapped for data-parallel training: none (one process), DDP, or DeepSpeed ZeRO.
 
-The loop only calls `backward`, `step`, `no_sync`, `module`, and the state methods; everything that differs
-between the three lives here.
+Every strategy has the same interface, with one meaning per method:
+    model       what the loop calls forward on (the DDP/DeepSpeed wrapper, compiled when asked)
+    module      the plain model underneath (parameters, config, state dict)
+    no_sync(last_micro_step)  context for one micro-batch's forward + backward
+    backward(term)            add the gradient of `term`, as it is, to the step's global gradient
+    step() -> grad norm       apply the step's gradient: clip, optimizer, scheduler, zero the gradient
+    save_state / load_state / full_state_dict   optimizer and scheduler state, gathered weights
+A step is any number of `backward` calls followed by one `step`; after the last `backward` the gradient is
+complete (reduced over ranks), so a caller (a test) may read it before `step` consumes it.
 
-`backward(term)` has one meaning in every strategy: the gradient of `term` is added, as it is, to the step's
-global gradient. The loop already divided each micro-batch's loss sum by the whole step's weight (all
-micro-batches, all ranks), so a strategy only undoes the averaging its all-reduce does.
+The loop already divided each micro-batch's loss sum by the whole step's weight (all micro-batches, all
+ranks), so `backward` only undoes the averaging its all-reduce does.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ class Plain:
     """Single process, or DDP when a process group with more than one rank exists."""
 
     def __init__(self, model, optimizer, scheduler, grad_clip: float, accumulation_steps: int,
-                 device: torch.device):
+                 device: torch.device, compile: bool = False):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_clip, self.accumulation_steps = grad_clip, accumulation_steps
         self.module = model
@@ -29,6 +35,8 @@ class Plain:
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         else:
             self.model = model
+        if compile:
+            self.model = torch.compile(self.model)
 
     def no_sync(self, last_micro_step: bool):
         # Skip DDP's all-reduce on the micro-batches before the last one of an accumulation step.
@@ -40,9 +48,6 @@ class Plain:
         # DDP averages gradients over ranks; the global objective is their sum.
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         (term * world).backward()
-
-    def micro_step(self):
-        pass
 
     def step(self) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -72,11 +77,14 @@ class DeepSpeed:
     """DeepSpeed ZeRO 1/2/3 on the process group Ray Train (or torchrun) already set up.
 
     The client optimizer is a torch AdamW, which avoids JIT-compiling DeepSpeed's fused Adam on machines
-    without CUDA. DeepSpeed owns accumulation and clipping: `backward` + `step` are called every micro-batch.
+    without CUDA. DeepSpeed owns accumulation and clipping, and wants `engine.step()` after every
+    micro-batch's backward: it counts micro-batches there and steps the optimizer only at the accumulation
+    boundary. So `backward` first makes the previous micro-batch's (non-boundary) engine step, and `step`
+    makes the boundary one: the same interface as `Plain`.
     """
 
     def __init__(self, model, optimizer, scheduler, grad_clip: float, accumulation_steps: int,
-                 micro_batch: int, zero_stage: int, dtype: str):
+                 micro_batch: int, zero_stage: int, dtype: str, compile: bool = False):
         import deepspeed
         if not dist.is_initialized():
             deepspeed.init_distributed()
@@ -91,21 +99,27 @@ class DeepSpeed:
         }
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-        self.model = self.engine
+        self.model = torch.compile(self.engine) if compile else self.engine
         self.module = self.engine.module
         self.zero_stage = zero_stage
+        self._engine_step_owed = False  # a backward ran whose engine.step() is still to come
 
     def no_sync(self, last_micro_step: bool):
         return contextlib.nullcontext()  # DeepSpeed defers the reduction itself
 
     def backward(self, term):
+        if self._engine_step_owed:
+            self.engine.step()  # not a boundary: only counts the micro-batch
         # DeepSpeed averages over data-parallel ranks; scale_wrt_gas=False stops its 1/accumulation scaling.
         self.engine.backward(term * dist.get_world_size(), scale_wrt_gas=False)
-
-    def micro_step(self):
-        self.engine.step()  # a no-op for the optimizer except at accumulation boundaries
+        self._engine_step_owed = True
 
     def step(self) -> torch.Tensor:
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(f"step() after fewer than {self.engine.gradient_accumulation_steps()} backward() "
+                               f"calls: DeepSpeed would not step the optimizer")
+        self.engine.step()  # the boundary: clip, optimizer, scheduler, zero the gradient
+        self._engine_step_owed = False
         norm = self.engine.get_global_grad_norm()
         return torch.tensor(float(norm) if norm is not None else float("nan"))
 

@@ -55,7 +55,7 @@ def train_and_save(zero_stage, directory) -> DeepSpeed:
     for _ in range(2):
         loss = strategy.model(ids).logits.float().logsumexp(-1).mean()
         strategy.backward(loss)
-        strategy.micro_step()
+        strategy.step()
     strategy.save_state(directory, rank=0)
     return strategy
 
