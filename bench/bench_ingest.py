@@ -40,7 +40,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 TOKENIZER = DATA / "minimind"
-sys.path.insert(0, str(REPO))
 
 
 def _peak_rss_mb() -> float:

@@ -44,11 +44,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from cluster.runtime import loopback_env  # noqa: E402
-
-loopback_env()  # before Ray is imported anywhere: keep the benchmark's cluster on loopback
 
 import torch  # noqa: E402
 
@@ -289,7 +284,6 @@ class VLLMServer:
     """vLLM's OpenAI-compatible server in its own env and process group, on loopback; stop() kills the group."""
 
     def __init__(self, python: str, ckpt: Path, cfg: BenchConfig, max_num_seqs: int, log_path: Path):
-        sys.path.insert(0, str(REPO / "bench"))
         from vllm_parity import vllm_env
 
         with socket.socket() as s:

@@ -58,7 +58,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 DATA = REPO.parent / "shared" / "data"
 POEMS = DATA / "poetry" / "poems.train.jsonl.gz"

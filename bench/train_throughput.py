@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from cluster.config import TrainConfig, resolve  # noqa: E402
 from cluster.metrics import flops_per_token, peak_flops  # noqa: E402

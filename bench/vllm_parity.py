@@ -104,7 +104,6 @@ def teacher_forced_vllm(o) -> dict:
 def role_ours(spec: dict) -> dict:
     import torch
 
-    sys.path.insert(0, str(REPO))
     from minimind.checkpoint import load_checkpoint
     from minimind.generate import SamplingParams, generate
 
@@ -132,7 +131,6 @@ def margin_at_split(model_dir: str, prompt: list[int], ours: list[int], theirs: 
     """Our fp32 logits after prompt + the common prefix: our token's and vLLM's, and the gap between them."""
     import torch
 
-    sys.path.insert(0, str(REPO))
     from minimind.checkpoint import load_model
 
     model = load_model(model_dir, dtype=torch.float32).eval()
@@ -165,7 +163,6 @@ def ensure_checkpoints(args) -> list[Path]:
     if not (RANDOM_CKPT / "config.json").is_file():
         import torch
 
-        sys.path.insert(0, str(REPO))
         from minimind.checkpoint import save_checkpoint
         from minimind.config import get_preset
         from minimind.model import MiniMind
@@ -178,7 +175,6 @@ def ensure_checkpoints(args) -> list[Path]:
 
 
 def make_prompts(ckpt: Path) -> list[dict]:
-    sys.path.insert(0, str(REPO))
     from minimind.checkpoint import load_tokenizer
 
     tok = load_tokenizer(ckpt)

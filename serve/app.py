@@ -19,12 +19,6 @@ require `Authorization: Bearer <key>`, and so does Ray Serve's own `/-/routes` o
 contents never become special tokens; every client error is an OpenAI-style JSON error with a 4xx status and the
 replica keeps serving; every 503 carries Retry-After.
 """
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python serve/app.py`: import the project the way replicas do, from its root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import dataclasses
 import hmac
 import html
@@ -33,29 +27,24 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from cluster.runtime import REPO_ROOT, loopback_env
-from serve.guard import arm_proxy
-
-# `serve run` imports this module before it starts Ray: keep a cluster it starts on loopback and able to
-# import this project in its workers. Ray reads these variables when it is first imported, hence this order.
-loopback_env()
-arm_proxy()  # the proxy's own /-/routes behind the key too (serve/guard.py); build_app names the key's variable
-
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
-from ray import serve  # noqa: E402
-from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
-
-from serve.engine import ContextLengthExceeded, EngineBusy, EngineConfig, EngineUnavailable  # noqa: E402
-from serve.engine_process import EngineProcess  # noqa: E402
-from serve.guard import BrowserGuard, BrowserPolicy, split_list  # noqa: E402
-from serve.protocol import (SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest,  # noqa: E402
-                            ThinkSplitter, chat_chunk, chat_response, completion_response, new_id, parse_request,
-                            sse, usage, usage_chunk)
+from serve.engine import ContextLengthExceeded, EngineBusy, EngineConfig, EngineUnavailable
+from serve.engine_process import EngineProcess
+from serve.guard import BrowserGuard, BrowserPolicy, arm_proxy, split_list
+from serve.protocol import (SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, ThinkSplitter,
+                            chat_chunk, chat_response, completion_response, new_id, parse_request, sse, usage,
+                            usage_chunk)
 
 STATIC = Path(__file__).resolve().parent / "static"
 APP_NAME = "minimind"
@@ -502,7 +491,10 @@ def build_app(args: dict) -> serve.Application:
     cfg = args if isinstance(args, ServeConfig) else parse_args(args)
     api_key = os.environ.get(cfg.api_key_env) or None
     import ray
-    if not ray.is_initialized():  # `serve run`: the cluster it starts next gives its proxy this environment
+    if not ray.is_initialized():
+        # `serve run` calls this builder before it starts its own cluster: the environment set here reaches
+        # that cluster (loopback only, this project importable by its workers) and its proxy (the key).
+        loopback_env()
         arm_proxy(cfg.api_key_env)
     options = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus:

@@ -8,10 +8,6 @@ Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits. Reasoning (
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python serve/chat.py`: import the project from its root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 DIM, RESET = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
 

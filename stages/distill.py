@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 from minimind.losses import distill_loss
 from stages.common import Stage, StageLoss, load_frozen, run_stage, ChatTrainConfig, BUNDLED
 

@@ -7,7 +7,8 @@ well-formed greedy replies (reason). Scored on Ray Data actors; --no-ray gives t
     python stages/evaluate.py --model out/dpo --reference out/sft --data dpo_val.jsonl --format dpo
     python stages/evaluate.py --model out/reason --data r1_val.jsonl --format reason --generate 32
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
+import sys
+
 from cluster.evaluate import EvalConfig, evaluate, format_table
 from minimind.configcli import parse_config
 

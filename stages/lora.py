@@ -10,7 +10,6 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 
 from minimind.checkpoint import read_weights
 from minimind.lora import (ADAPTER_WEIGHTS, DEFAULT_TARGETS, apply_lora, load_lora_state_dict, merge_lora,

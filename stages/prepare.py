@@ -8,10 +8,10 @@ Point the stage at the same cache (`--cache-dir out/data_cache`) with the same d
 defaults to the chosen stage's own, so `prepare` then the stage, both with defaults, meet the same cache.
 A cache accepted here under a --reject-threshold above the stage's is still used by the stage (with a warning).
 """
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 import importlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 
 from cluster.config import _help

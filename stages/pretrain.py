@@ -7,7 +7,6 @@ pretrain run (small preset, micro-batch 32 x accumulation 8, seq 512, lr 5e-4, 1
 """
 from dataclasses import dataclass
 
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 from stages.common import Stage, TrainConfig, run_stage
 
 

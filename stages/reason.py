@@ -5,7 +5,6 @@ stronger model, with the four tag tokens weighted x10 in the loss so the format 
 """
 from dataclasses import dataclass
 
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 from stages.common import Stage, StageLoss, causal_lm_loss, run_stage, ChatTrainConfig, BUNDLED
 
 

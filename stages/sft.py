@@ -6,7 +6,6 @@ The 512- and 1024-token runs are configs of this stage:
 """
 from dataclasses import dataclass
 
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 from stages.common import Stage, run_stage, ChatTrainConfig, BUNDLED
 
 

@@ -3,10 +3,10 @@
     python stages/tokenizer.py --data pretrain_hq.jsonl --out out/tokenizer
     python stages/tokenizer.py --data ../shared/data/poetry/poems.train.jsonl.gz --text-field text
 """
+import sys
 import time
 from dataclasses import dataclass, field
 
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401 (run as a script)
 from cluster.config import BUNDLED_DATA
 from minimind.configcli import parse_config
 from minimind.tokenizer import iter_jsonl_texts, train_tokenizer

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-import cluster  # noqa: F401,E402  (sets Ray's loopback switches before anything imports ray)
 from cluster.config import BUNDLED_DATA
+from cluster.runtime import loopback_env
+
+# Before any test imports ray, and in this process's environment so that the clusters tests start themselves
+# (`ray start`, `serve run`, subprocess stages) inherit it too: loopback only, the worker setup hook, the repo
+# importable by every worker.
+if not os.environ.get("RAY_ADDRESS"):
+    loopback_env()
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

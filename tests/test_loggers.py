@@ -130,7 +130,6 @@ def test_plot_loss_bad_line_names_file_and_line(tmp_path):
 
 _WATCHED = """
 import sys, time
-sys.path.insert(0, {repo!r})
 from cluster.loggers import RunLoggers
 lg = RunLoggers(["swanlab", "tensorboard", "wandb"], "net", {{}}, {dir!r})
 for step in range(1, 30):
@@ -150,8 +149,7 @@ def test_loggers_open_no_remote_connection(tmp_path):
     """Every tracker offline: while they log, neither the process nor its children (wandb-core) hold an
     internet socket to a non-loopback peer or bound beyond loopback (sampled while it logs)."""
     import psutil
-    repo = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.Popen([sys.executable, "-c", _WATCHED.format(repo=repo, dir=str(tmp_path))],
+    proc = subprocess.Popen([sys.executable, "-c", _WATCHED.format(dir=str(tmp_path))],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "offline"})
     bad, samples = [], 0
     try:

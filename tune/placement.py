@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import time
 
-import cluster  # noqa: F401  (Ray's loopback switches, set before ray is imported)
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune import Callback, Stopper
 

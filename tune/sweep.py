@@ -23,14 +23,10 @@ import time
 import typing
 from pathlib import Path
 
-# Run as a script: import the repo's packages, not this folder's modules as top-level ones.
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path
-                                                          if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from minimind.configcli import coerce, read_config_file  # noqa: E402
-from tune import experiments, space as spaces  # noqa: E402
-from tune.placement import DATA_CPUS, START_TIMEOUT_ENV, StopWhenStuck, release_orphans, start_keeper, trials_that_fit  # noqa: E402
-from tune.trial import (TRIAL_KEY, absolute_paths, load_stage, make_trainable, tokens_per_step, trial_config,  # noqa: E402
+from minimind.configcli import coerce, read_config_file
+from tune import experiments, space as spaces
+from tune.placement import DATA_CPUS, START_TIMEOUT_ENV, StopWhenStuck, release_orphans, start_keeper, trials_that_fit
+from tune.trial import (TRIAL_KEY, absolute_paths, load_stage, make_trainable, tokens_per_step, trial_config,
                         workers)
 
 SWEEP_FILE = "sweep.json"   # what a resumed sweep needs to rebuild its trainable
