@@ -1,38 +1,23 @@
 """The one training loop every stage runs, inside a Ray Train worker or in a plain process.
 
-A stage supplies the model and `loss(model, batch) -> (loss, metrics)`; a context supplies rank, device,
-batches and the place checkpoints and metrics go (`cluster.launcher.RayContext` under Ray Train,
-`cluster.local.LocalContext` without Ray). Nothing here touches Ray.
+A stage supplies the model, its frozen helpers (a reference or teacher model and the loss's settings) and
+`loss(model, batch, helpers) -> StageLoss`; a context supplies rank, device, batches and the place
+checkpoints and metrics go (`cluster.launcher.RayContext` under Ray Train, `cluster.local.LocalContext`
+without Ray); `cluster.checkpoint.Checkpointer` saves and restores the run's state. Nothing here touches Ray.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from minimind.checkpoint import save_checkpoint
-
+from .checkpoint import Checkpointer, ModelWeights, OptimizerState, TrainState
 from .config import Resolved, TrainConfig
 from .metrics import MetricsLogger, flops_per_token
 from .strategy import DeepSpeed, Plain
-
-
-@dataclass
-class TrainState:
-    step: int = 0            # optimizer steps taken
-    micro_batches: int = 0   # micro-batches this worker consumed: the data position to resume from
-    tokens: int = 0          # tokens processed by all workers
-    restored_from: list = field(default_factory=list)  # the step of every checkpoint this run restored
-    log: list = field(default_factory=list)  # every logged metrics record so far
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "log"}
 
 
 def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
@@ -104,7 +89,8 @@ def token_counts(batch: dict, seq_len: int) -> torch.Tensor:
     return torch.stack([real, torch.full_like(real, float(length.shape[0] * seq_len * sequences))])
 
 
-def validate(stage, model, batches, char_counts, device, dtype, pad_batch=None, pad_to_max=False) -> dict:
+def validate(stage, model, batches, char_counts, device, dtype, pad_batch=None, pad_to_max=False,
+             helpers=None) -> dict:
     """Score every validation row this worker holds and reduce exactly over workers: val_loss is the sum of
     the rows' losses over the sum of their weights (nats per weighted token, or per pair for DPO), and
     val_bits_per_char = nats / ln 2 / characters of the scored text, where the stage defines it.
@@ -117,7 +103,7 @@ def validate(stage, model, batches, char_counts, device, dtype, pad_batch=None, 
     count = 0
     with torch.no_grad(), autocast(device, dtype):
         for batch in batches:
-            out = stage.loss(model, batch)
+            out = stage.loss(model, batch, helpers)
             chars = stage.scored_chars(batch, char_counts) if char_counts is not None else None
             sums += torch.stack([out.total.double().cpu(), stage.weight(batch).double().cpu(),
                                  (chars.double().cpu() if chars is not None else torch.tensor(0.0, dtype=torch.float64)),
@@ -127,7 +113,7 @@ def validate(stage, model, batches, char_counts, device, dtype, pad_batch=None, 
             most = torch.tensor([count])
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
             for _ in range(int(most) - count):
-                stage.loss(model, pad_batch)
+                stage.loss(model, pad_batch, helpers)
     model.train(was_training)
     nats, weight, chars, undefined = all_reduce_sum(sums).tolist()
     if weight == 0:
@@ -138,29 +124,8 @@ def validate(stage, model, batches, char_counts, device, dtype, pad_batch=None, 
     return metrics
 
 
-def write_checkpoint(directory: Path, stage, strategy, state: TrainState, tokenizer, rank: int):
-    """Everything a restore needs: HF model directory, optimizer/scheduler, step and data position, the log."""
-    weights = strategy.full_state_dict()  # collective under ZeRO-3: every rank calls it
-    directory.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        model = stage.export(strategy.module, weights)
-        save_checkpoint(model, directory / "model", tokenizer=tokenizer)
-        stage.save_extra(strategy.module, directory / "model")
-        (directory / "trainer_state.json").write_text(json.dumps(state.to_json(), indent=2))
-        with open(directory / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in state.log)
-    strategy.save_state(directory, rank)
-
-
-def read_trainer_state(directory: Path) -> TrainState:
-    state = TrainState(**json.loads((directory / "trainer_state.json").read_text()))
-    log_path = directory / "metrics.jsonl"
-    if log_path.is_file():
-        state.log = [json.loads(line) for line in log_path.read_text().splitlines() if line]
-    return state
-
-
-def accumulate_gradients(stage, strategy, micro: list[dict], seq_len: int, world: int, device, dtype):
+def accumulate_gradients(stage, strategy, micro: list[dict], seq_len: int, world: int, device, dtype,
+                         helpers=None):
     """Backward over one optimizer step's micro-batches, so that the gradient is that of
     sum(loss sums) / sum(weights) over every micro-batch of every rank (plus the per-batch terms averaged).
 
@@ -176,7 +141,7 @@ def accumulate_gradients(stage, strategy, micro: list[dict], seq_len: int, world
     metrics: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro):
         with strategy.no_sync(i == len(micro) - 1), autocast(device, dtype):
-            out = stage.loss(strategy.model, batch)
+            out = stage.loss(strategy.model, batch, helpers)
             term = out.total / step_weight + out.per_batch / (len(micro) * world)
         strategy.backward(term)
         loss_sum = loss_sum + out.total.detach().double()
@@ -195,18 +160,20 @@ def train(cfg: TrainConfig, stage, ctx) -> TrainState:
     device, res = ctx.device, ctx.resolved
     torch.manual_seed(cfg.seed)
     model = stage.build_model(cfg).to(device)
-    stage.setup(cfg, device)
+    helpers = stage.helpers(cfg, device)
     restore = ctx.restore_dir()
     if restore is not None:
-        stage.restore(model, restore / "model")
+        ModelWeights(model).load(restore)  # before a strategy wraps the model (ZeRO-3 partitions it)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")
     total = total_steps(cfg, ctx.micro_batches_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total, cfg.warmup, cfg.min_lr_ratio))
     strategy = build_strategy(cfg, res, model, optimizer, scheduler, device)
     state = TrainState()
+    checkpoint = Checkpointer(
+        model=ModelWeights(strategy.module, strategy.full_state_dict, ctx.tokenizer, base=cfg.init),
+        optimizer=OptimizerState(strategy), train_state=state)
     if restore is not None:
-        strategy.load_state(restore)
-        state = read_trainer_state(restore)
+        checkpoint.load(restore, "optimizer", "train_state")
         state.restored_from.append(state.step)
         ctx.print(f"restored {restore} at step {state.step} (micro-batch {state.micro_batches})")
 
@@ -223,7 +190,7 @@ def train(cfg: TrainConfig, stage, ctx) -> TrainState:
     while state.step < total:
         micro = [next(batches) for _ in range(cfg.accumulation_steps)]
         counts, step_loss, step_metrics = accumulate_gradients(stage, strategy, micro, cfg.max_seq_len, world,
-                                                               device, res.dtype)
+                                                               device, res.dtype, helpers)
         state.micro_batches += len(micro)
         window_micro += len(micro)
         loss_sum = loss_sum + step_loss
@@ -249,14 +216,13 @@ def train(cfg: TrainConfig, stage, ctx) -> TrainState:
             if eval_now:
                 eval_model = strategy.model if res.zero_stage == 3 else strategy.module
                 extra.update(validate(stage, eval_model, ctx.val_batches(), char_counts, device, res.dtype,
-                                      pad_batch=micro[0], pad_to_max=res.zero_stage == 3))
+                                      pad_batch=micro[0], pad_to_max=res.zero_stage == 3, helpers=helpers))
             record = logger.record(state, {**means, **extra}, scheduler.get_last_lr()[0],
                                    float(window[1]) / elapsed)
             state.log.append(record)
             sums, window_micro, window_start = {}, 0, time.perf_counter()
             window.zero_()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            ctx.report(record, (lambda d: write_checkpoint(d, stage, strategy, state, ctx.tokenizer, ctx.rank))
-                       if save_now else None)
+            ctx.report(record, (lambda d: checkpoint.save(d, ctx.rank)) if save_now else None)
     logger.close()
     return state

@@ -26,7 +26,7 @@ from cluster.data import filesystem_of
 from minimind.checkpoint import check_safetensors
 
 POINTER = "latest"
-# What rank 0 always writes (cluster.loop.write_checkpoint); the optimizer state is optimizer.pt (DDP) or
+# What rank 0 always writes (cluster.checkpoint.Checkpointer); the optimizer state is optimizer.pt (DDP) or
 # per-rank DeepSpeed shards under deepspeed/.
 REQUIRED = ("model/config.json", "model/model.safetensors", "trainer_state.json", "metrics.jsonl")
 

@@ -141,6 +141,21 @@ def _wrapped(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def adapter_layout(model: nn.Module) -> tuple[int, float, tuple[str, ...]] | None:
+    """(rank, alpha, target module names) of `model`'s adapters, as `apply_lora` would be called to rebuild
+    them; None when the model has none. Raises ValueError when layers differ in rank or alpha (PEFT's plain
+    format has one of each)."""
+    wrapped = _wrapped(model)
+    if not wrapped:
+        return None
+    ranks = {m.rank for m in wrapped.values()}
+    alphas = {float(m.alpha) for m in wrapped.values()}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise ValueError(f"one LoRA rank and alpha for all layers needed, found ranks {sorted(ranks)}, "
+                         f"alphas {sorted(alphas)}")
+    return ranks.pop(), alphas.pop(), tuple(sorted({name.rsplit(".", 1)[-1] for name in wrapped}))
+
+
 def save_adapter(model: nn.Module, directory, config: dict | None = None) -> None:
     """Write `model`'s adapters as a PEFT adapter directory.
 
@@ -154,16 +169,11 @@ def save_adapter(model: nn.Module, directory, config: dict | None = None) -> Non
     unknown = set(config) - {"rank", "alpha", "targets", "base"}
     if unknown:
         raise ValueError(f"save_adapter: unknown adapter config fields {sorted(unknown)}")
-    wrapped = _wrapped(model)
-    if not wrapped:
+    layout = adapter_layout(model)
+    if layout is None:
         raise ValueError("save_adapter: the model has no LoRA layers (call apply_lora first)")
-    ranks = {m.rank for m in wrapped.values()}
-    alphas = {float(m.alpha) for m in wrapped.values()}
-    if len(ranks) > 1 or len(alphas) > 1:
-        raise ValueError(f"save_adapter: one rank and alpha for all layers needed, found ranks {sorted(ranks)}, "
-                         f"alphas {sorted(alphas)}")
-    rank, alpha = ranks.pop(), alphas.pop()
-    targets = {name.rsplit(".", 1)[-1] for name in wrapped}
+    rank, alpha, targets = layout
+    targets = set(targets)
     if "rank" in config and int(config["rank"]) != rank:
         raise ValueError(f"save_adapter: config says rank {config['rank']}, the model's adapters have {rank}")
     if "alpha" in config and float(config["alpha"]) != alpha:

@@ -1,9 +1,11 @@
-"""What every stage shares: the Stage base (model building, export, restore) and the entry-point runner.
+"""What every stage shares: the Stage base (a recipe) and the entry-point runner.
 
-A stage is a small object: its data format, its config dataclass (defaults), `weight(batch)` (how many units
-the micro-batch's loss is a sum over: weighted target tokens, or DPO pairs) and
-`loss(model, batch) -> StageLoss` (that sum). The loop divides once by the whole step's weight, all
-micro-batches and ranks together. The training loop, Ray and DeepSpeed live in `cluster/`.
+A stage is a recipe and holds no state of a run: its data format, its config dataclass (defaults),
+`build_model(cfg)`, `helpers(cfg, device)` (frozen models and loss settings, passed back to `loss`),
+`weight(batch)` (how many units the micro-batch's loss is a sum over: weighted target tokens, or DPO pairs) and
+`loss(model, batch, helpers) -> StageLoss` (that sum). The loop divides once by the whole step's weight, all
+micro-batches and ranks together. The training loop, checkpoints (`cluster.checkpoint`: the export for
+inference, a LoRA model's merge and adapter included), Ray and DeepSpeed live in `cluster/`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from cluster.config import BUNDLED_DATA as BUNDLED, TrainConfig  # noqa: F401 (re-exported for stages)
-from minimind.checkpoint import load_config, load_model, load_weights_into, read_weights
+from minimind.checkpoint import load_config, load_model
 from minimind.config import get_preset
 from minimind.losses import lm_loss
 from minimind.model import MiniMind
@@ -79,8 +81,11 @@ class Stage:
         if tokenizer.vocab_size > vocab:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}")
 
-    def setup(self, cfg, device) -> None:
-        """Load frozen helper models (reference, teacher) onto the worker's device."""
+    def helpers(self, cfg, device):
+        """What `loss` needs besides the model being trained: frozen models (DPO's reference, distillation's
+        teacher) loaded onto the worker's device and the loss's settings. The loop holds them and passes them
+        to every `loss` call; the stage object keeps nothing. None when the loss needs nothing."""
+        return None
 
     def weight(self, batch) -> torch.Tensor:
         """The denominator's share of this micro-batch: the summed loss-mask weights of the targets."""
@@ -92,22 +97,10 @@ class Stage:
         targets = batch["input_ids"][:, 1:].long()
         return (char_counts[targets] * (batch["loss_mask"][:, 1:] > 0)).sum(dtype=torch.float64)
 
-    def loss(self, model, batch) -> StageLoss:
+    def loss(self, model, batch, helpers=None) -> StageLoss:
         """Next-token loss on the row's weights plus the MoE balancing loss (pretrain, SFT, LoRA)."""
         total, out = causal_lm_loss(model, batch)
         return StageLoss(total, out.aux_loss, {"aux_loss": out.aux_loss})
-
-    def export(self, module, weights) -> MiniMind:
-        """The plain model written as the checkpoint's HF directory."""
-        model = MiniMind(module.config)
-        model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in weights.items()})
-        return model
-
-    def save_extra(self, module, directory: Path) -> None:
-        """Files beside the HF checkpoint (LoRA writes its adapter)."""
-
-    def restore(self, model, directory: Path) -> None:
-        load_weights_into(model, read_weights(directory / "model.safetensors"), directory / "model.safetensors")
 
 
 # What a user runs after each stage (MiniMind's chain); {out} is this run's output directory.

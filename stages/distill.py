@@ -4,10 +4,12 @@ loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) on the assistant 
     python stages/distill.py --preset small --teacher out/sft-base --data sft_mini_512.jsonl
 """
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from minimind.losses import distill_loss
+from minimind.model import MiniMind
 from stages.common import Stage, StageLoss, load_frozen, run_stage, ChatTrainConfig, BUNDLED
 
 
@@ -33,25 +35,30 @@ class DistillConfig(ChatTrainConfig):
             raise ValueError("--alpha must be in [0, 1] and --temperature > 0")
 
 
+class DistillHelpers(NamedTuple):
+    teacher: MiniMind     # frozen
+    alpha: float          # weight of the hard-label CE
+    temperature: float
+
+
 class Distill(Stage):
     name = "distill"
     data_format = "chat"
     config_cls = DistillConfig
 
-    def setup(self, cfg, device):
-        self.alpha, self.temperature = cfg.alpha, cfg.temperature
-        self.teacher = load_frozen(cfg.teacher, device)
+    def helpers(self, cfg, device) -> DistillHelpers:
+        return DistillHelpers(load_frozen(cfg.teacher, device), cfg.alpha, cfg.temperature)
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, helpers: DistillHelpers):
         ids = batch["input_ids"].long()
         out = model(ids[:, :-1])
         with torch.no_grad():
-            teacher_logits = self.teacher(ids[:, :-1]).logits
+            teacher_logits = helpers.teacher(ids[:, :-1]).logits
         if teacher_logits.shape[-1] != out.logits.shape[-1]:
             raise ValueError(f"teacher vocab {teacher_logits.shape[-1]} != student vocab {out.logits.shape[-1]}")
         # Per masked token: weight() (the loss-mask sum) is the denominator.
         total, metrics = distill_loss(out.logits, teacher_logits, ids[:, 1:], batch["loss_mask"][:, 1:],
-                                      self.alpha, self.temperature, reduction="sum")
+                                      helpers.alpha, helpers.temperature, reduction="sum")
         return StageLoss(total, out.aux_loss, metrics)
 
 

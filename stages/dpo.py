@@ -3,10 +3,12 @@
     python stages/dpo.py --init out/sft --data dpo.jsonl          # reference defaults to --init
 """
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from minimind.losses import dpo_loss, sequence_logprob
+from minimind.model import MiniMind
 from stages.common import Stage, StageLoss, load_frozen, run_stage, ChatTrainConfig, BUNDLED
 
 
@@ -29,14 +31,18 @@ class DPOConfig(ChatTrainConfig):
             raise ValueError("DPO needs a reference model: give --init (the SFT checkpoint) or --reference")
 
 
+class DPOHelpers(NamedTuple):
+    reference: MiniMind   # frozen: the policy's log-ratios are measured against it
+    beta: float
+
+
 class DPO(Stage):
     name = "dpo"
     data_format = "dpo"
     config_cls = DPOConfig
 
-    def setup(self, cfg, device):
-        self.beta = cfg.beta
-        self.reference = load_frozen(cfg.reference or cfg.init, device)
+    def helpers(self, cfg, device) -> DPOHelpers:
+        return DPOHelpers(load_frozen(cfg.reference or cfg.init, device), cfg.beta)
 
     def _logprobs(self, model, ids, mask):
         out = model(ids[:, :-1])
@@ -48,15 +54,15 @@ class DPO(Stage):
     def scored_chars(self, batch, char_counts):
         return None
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, helpers: DPOHelpers):
         # Chosen and rejected rows go through the model in one batch: (2B, T).
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]]).long()
         mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
         policy, aux = self._logprobs(model, ids, mask)
         with torch.no_grad():
-            reference, _ = self._logprobs(self.reference, ids, mask)
+            reference, _ = self._logprobs(helpers.reference, ids, mask)
         b = batch["chosen_ids"].shape[0]
-        total, metrics = dpo_loss(policy[:b], policy[b:], reference[:b], reference[b:], self.beta, reduction="sum")
+        total, metrics = dpo_loss(policy[:b], policy[b:], reference[:b], reference[b:], helpers.beta, reduction="sum")
         return StageLoss(total, aux, metrics)
 
 

@@ -6,14 +6,9 @@ the base, and `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrain
 
     python stages/lora.py --init out/sft --data lora_identity.jsonl
 """
-import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 
-
-from minimind.checkpoint import read_weights
-from minimind.lora import (ADAPTER_WEIGHTS, DEFAULT_TARGETS, apply_lora, load_lora_state_dict, merge_lora,
-                           save_adapter)
+from minimind.lora import DEFAULT_TARGETS, apply_lora
 from stages.common import Stage, run_stage, ChatTrainConfig, BUNDLED
 
 
@@ -38,21 +33,10 @@ class LoRA(Stage):
     config_cls = LoRAConfig
 
     def build_model(self, cfg):
+        # The checkpoint (cluster.checkpoint) writes such a model merged, with its adapter beside it.
         model = super().build_model(cfg)
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        self.adapter_config = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
-                               "targets": list(cfg.lora_targets), "base": cfg.init}
         return model
-
-    def export(self, module, weights):
-        return merge_lora(copy.deepcopy(module).cpu().float())
-
-    def save_extra(self, module, directory: Path):
-        save_adapter(module, directory, self.adapter_config)
-
-    def restore(self, model, directory: Path):
-        path = directory / ADAPTER_WEIGHTS
-        load_lora_state_dict(model, read_weights(path), path)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class Reason(Stage):
     def scored_chars(self, batch, char_counts):
         return None  # weights are not 0/1: nats per character is not defined
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, helpers=None):
         total, out = causal_lm_loss(model, batch)
         tags = (batch["loss_mask"][:, 1:] > 1).sum()
         return StageLoss(total, out.aux_loss, {"aux_loss": out.aux_loss, "tag_tokens": tags.float()})

@@ -11,8 +11,8 @@ import torch
 
 from minimind.checkpoint import load_model, save_checkpoint, verify_checkpoint
 from minimind.config import PRESETS
-from minimind.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, lora_state_dict, merge_adapter, merge_lora,
-                           save_adapter)
+from minimind.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, lora_state_dict, merge_adapter,
+                           merge_lora)
 from minimind.model import MiniMind
 
 TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")  # attention and MLP projections
@@ -52,12 +52,13 @@ def _trained_lora(base_dir, rank=4, alpha=8.0, targets=TARGETS, seed=1):
 @pytest.fixture(scope="module")
 def adapter(base_dir, tmp_path_factory):
     """(adapter directory as the LoRA stage writes it, our merged model)."""
+    from cluster.checkpoint import ModelWeights
     model = _trained_lora(base_dir)
-    out = tmp_path_factory.mktemp("hf") / "adapter"
-    out.mkdir()
-    # The config the LoRA stage passes (stages/lora.py LoRA.build_model), through the function it saves with.
-    save_adapter(model, out, {"rank": 4, "alpha": 8.0, "targets": list(TARGETS), "base": str(base_dir)})
-    return out, merge_lora(copy.deepcopy(model)).eval()
+    checkpoint = tmp_path_factory.mktemp("hf") / "checkpoint"
+    checkpoint.mkdir()
+    # Written as a LoRA run's checkpoint writes it: the merged model with the adapter beside it in model/.
+    ModelWeights(model, base=str(base_dir)).save(checkpoint, rank=0)
+    return checkpoint / "model", merge_lora(copy.deepcopy(model)).eval()
 
 
 def test_adapter_files_are_in_peft_format(adapter, base_dir):
@@ -107,11 +108,11 @@ def test_merge_lora_cli_on_peft_adapter(adapter, base_dir, ids, tmp_path):
 
 
 def test_lora_stage_resumes_from_peft_named_weights(adapter, base_dir, ids):
-    from stages.lora import LoRA
+    from cluster.checkpoint import ModelWeights
     out, merged = adapter
     model = load_model(base_dir).eval()
     apply_lora(model, rank=4, alpha=8.0, targets=TARGETS)
-    LoRA().restore(model, out)  # what a resumed LoRA run does with its checkpoint's adapter
+    ModelWeights(model).load(out.parent)  # what a resumed LoRA run does with its checkpoint
     with torch.no_grad():
         assert torch.equal(merge_lora(model)(ids).logits, merged(ids).logits)
 

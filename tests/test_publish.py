@@ -16,15 +16,14 @@ import torch
 
 @pytest.fixture(scope="module")
 def tiny_run():
-    """What `cluster.loop.write_checkpoint` needs, for the tiny preset on CPU."""
+    """A tiny-preset model and its strategy on CPU: what `cluster.checkpoint.Checkpointer` saves."""
     from cluster.strategy import Plain
     from minimind.config import get_preset
     from minimind.model import MiniMind
-    from stages.pretrain import Pretrain
     model = MiniMind(get_preset("tiny"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return Pretrain(), Plain(model, opt, sched, 1.0, 1, torch.device("cpu"))
+    return Plain(model, opt, sched, 1.0, 1, torch.device("cpu"))
 
 
 def commit(run_dir: Path, name: str, write, rank: int = 0) -> Path:
@@ -41,15 +40,17 @@ def commit(run_dir: Path, name: str, write, rank: int = 0) -> Path:
 
 
 def test_crash_mid_write_keeps_pointer_at_last_good_checkpoint(tiny_run, tmp_path):
-    from cluster.loop import TrainState, write_checkpoint
+    from cluster.checkpoint import Checkpointer, ModelWeights, OptimizerState, TrainState
     from cluster.publish import read_latest, verify_checkpoint
     from minimind.checkpoint import load_model
-    stage, strategy = tiny_run
+    strategy = tiny_run
     run_dir = tmp_path / "run"
     run_dir.mkdir()
 
     def good(step):
-        return lambda d: write_checkpoint(d, stage, strategy, TrainState(step=step), None, rank=0)
+        parts = Checkpointer(model=ModelWeights(strategy.module, strategy.full_state_dict),
+                             optimizer=OptimizerState(strategy), train_state=TrainState(step=step))
+        return lambda d: parts.save(d, rank=0)
 
     first = commit(run_dir, "checkpoint_000000", good(5))
     assert read_latest(run_dir) == {"path": str(first), "step": 5}

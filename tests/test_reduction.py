@@ -66,7 +66,7 @@ def step_gradient(fmt: str, reference: str, rank: int, world: int, accumulation:
     cfg = cfg.replace(batch_size=per_micro, accumulation_steps=accumulation)
     torch.manual_seed(0)
     model = stage.build_model(cfg)
-    stage.setup(cfg, torch.device("cpu"))
+    helpers = stage.helpers(cfg, torch.device("cpu"))
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(10, 0.0, 0.1))
     res = Resolved(use_gpu=False, num_workers=world, zero_stage=zero_stage, dtype="float32", backend="gloo")
@@ -74,7 +74,7 @@ def step_gradient(fmt: str, reference: str, rank: int, world: int, accumulation:
     batch = global_batch(fmt)
     mine = {k: v[rank * ROWS // world:(rank + 1) * ROWS // world] for k, v in batch.items()}
     micro = [{k: v[i * per_micro:(i + 1) * per_micro] for k, v in mine.items()} for i in range(accumulation)]
-    accumulate_gradients(stage, strategy, micro, SEQ, world, torch.device("cpu"), "float32")
+    accumulate_gradients(stage, strategy, micro, SEQ, world, torch.device("cpu"), "float32", helpers)
     if zero_stage:
         from deepspeed.utils import safe_get_full_grad
         grads = {n: safe_get_full_grad(p).detach().clone() for n, p in strategy.module.named_parameters()}
