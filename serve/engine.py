@@ -1,17 +1,20 @@
 """A continuous-batching generation engine for MiniMind: pure PyTorch, no Ray, no HTTP.
 
 One scheduler thread owns the model and a preallocated KV cache of `max_batch` slots. Each iteration it
-  1. admits waiting requests into free slots and prefills each one alone (a (1, T) forward into its slot),
-  2. runs ONE decode forward for every active request together (input (B, 1), rows = their slots),
-  3. samples a token per row with that request's SamplingParams, detects stop ids, stop strings and
-     max_tokens, hands the new text to the request's consumer, and frees the slots of finished requests.
+  1. admits waiting requests into free slots, copying into each slot the K/V of the longest prompt prefix
+     already computed for an earlier request (prefix caching, serve/prefix_cache.py),
+  2. prefills the rest of the pending prompts together, in one right-padded forward of at most
+     `prefill_tokens` positions (a longer prompt goes in chunks of that size, one per iteration, so the
+     requests already decoding wait at most one chunk's forward for their next token),
+  3. runs ONE decode forward for every active request together (input (B, 1), rows = their slots),
+  4. samples a token per row with that request's SamplingParams (one batched pass), detects stop ids, stop
+     strings and max_tokens, hands the new text to the request's consumer, and frees finished requests' slots.
 Requests therefore join and leave a running batch at token granularity (Orca's iteration-level scheduling,
 Yu et al. OSDI'22; vLLM's continuous batching), and N concurrent streams share each decode pass.
 
-Prefill runs one request at a time so its result never depends on what else is running: a prompt's cache
-entries and first token are the same whether the server is idle or busy. Decode rows are independent too
-(the model masks each row to its own cache length), but a batched matmul may round differently from a
-single-row one in the last bit of fp32; see tests/test_engine.py for how equality is checked.
+Rows are independent: the model masks each row to its own cache length, so a prompt's cache entries and tokens
+do not depend on what else is running, except that a batched matmul may round differently from a single-row
+one in the last bit of fp32; see tests/test_engine.py for how equality is checked.
 
 `kv_cache=False` recomputes every sequence in full each step (one forward per request): the benchmark's
 no-cache baseline, and a reference the cached path must reproduce.
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 
 from minimind.generate import SamplingParams, TextStream, make_generator, process_rows, sample_rows, token_mask
 from serve.adapters import AdapterPool
+from serve.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,18 @@ class EngineConfig:
     # to this many; a longer one goes in chunks of it, one chunk per scheduler iteration, so the requests
     # already decoding wait at most one chunk's forward for their next token.
     prefill_tokens: int = 512
+    # Prefix caching (serve.prefix_cache): K/V of prompt prefixes kept in blocks of prefix_block tokens, at
+    # most prefix_cache_tokens of them (0: off), and copied into the slot of a later prompt that starts alike.
+    prefix_cache_tokens: int = 4096
+    prefix_block: int = 16
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_len < 2 or self.max_waiting < 0 or self.prefill_tokens < 1:
             raise ValueError(f"invalid engine config {self}")
+        if self.prefix_block < 1 or self.prefix_cache_tokens < 0 or (
+                self.prefix_cache_tokens and self.prefix_cache_tokens < self.prefix_block):
+            raise ValueError(f"invalid engine config {self}: prefix_cache_tokens must be 0 or at least "
+                             f"prefix_block ({self.prefix_block})")
 
 
 @dataclass
@@ -201,6 +213,8 @@ class Engine:
         self.adapters = AdapterPool(model)
         self._read_adapters: dict[str, dict] = {}  # read at submission, installed by the scheduler at admission
         self.cache = model.new_cache(self.config.max_batch, self.context_len) if self.config.kv_cache else None
+        self.prefixes = (PrefixCache(self.cache, self.config.prefix_block, self.config.prefix_cache_tokens)
+                         if self.cache is not None and self.config.prefix_cache_tokens else None)
         # A heap: the lowest free slot goes first, which keeps busy slots packed at the front of the cache.
         self._free = list(range(self.config.max_batch))
         self._active: list[Request] = []
@@ -312,6 +326,8 @@ class Engine:
                     "finish_reasons": dict(self.stats["finish_reasons"]), "active": len(self._active),
                     "waiting": len(self._waiting), "max_batch": self.config.max_batch,
                     "context_len": self.context_len, "kv_cache": self.config.kv_cache, "adapters": len(self.adapters),
+                    "prefix_cache": {**self.prefixes.stats, "tokens": self.prefixes.tokens}
+                    if self.prefixes is not None else None,
                     "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch.")}
 
     def shutdown(self, timeout: float = 10.0):
@@ -393,6 +409,9 @@ class Engine:
             return
         if admitted:
             self.cache.reset([r.slot for r in admitted])
+            if self.prefixes is not None:
+                for req in admitted:
+                    req.prefilled = self.prefixes.load(req.prompt, req.adapter_key, req.slot)
         pending = [r for r in self._active if r.prefilled < len(r.prompt)]  # in arrival order
         if pending:
             self._prefill(pending)
@@ -443,6 +462,8 @@ class Engine:
             req.prefilled += n
             if req.prefilled == len(req.prompt):
                 done.append(i)
+                if self.prefixes is not None:
+                    self.prefixes.store(req.prompt, req.adapter_key, req.slot)
         with self._cv:
             self.stats["prefills"] += len(done)
             self.stats["prefill_forwards"] += 1

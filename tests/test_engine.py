@@ -146,6 +146,51 @@ def test_a_long_prompt_does_not_stall_running_decodes(tiny_ckpt):
 
 
 @pytest.mark.timeout(60)
+def test_prefix_cache_reuses_a_shared_system_prompt(tiny_ckpt, engine, tmp_path, random_adapter):
+    """Chats sharing a long system prompt: the later ones copy its K/V (whole 16-token blocks) instead of
+    prefilling it, and decode exactly what an engine without prefix caching decodes. Keys depend on every
+    token before a block and on the adapter; an evicted block is simply recomputed."""
+    tok = engine.tokenizer
+    system = "你是一个乐于助人的诗人，回答时用简短的句子，并且总是礼貌地回应每一个问题。" * 3
+    questions = ["你好", "写一首关于春天的诗", "What is 2 + 2?"]
+    chats = [tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                     tokenize=True) for q in questions]
+    shared = next(i for i, ids in enumerate(zip(*chats)) if len(set(ids)) > 1)  # tokens all three share
+    assert shared > 64
+    plain = load_engine(tiny_ckpt, EngineConfig(max_batch=2, max_len=256, prefix_cache_tokens=0), dtype="float64")
+    cached = load_engine(tiny_ckpt, EngineConfig(max_batch=2, max_len=256), dtype="float64")
+    small = load_engine(tiny_ckpt, EngineConfig(max_batch=2, max_len=256, prefix_cache_tokens=32),
+                        dtype="float64")
+    try:
+        assert plain.snapshot()["prefix_cache"] is None
+        want = [plain.generate(c, SamplingParams.greedy(12), ignore_eos=True).token_ids for c in chats]
+        got, hits = [], []
+        for c in chats:
+            got.append(cached.generate(c, SamplingParams.greedy(12), ignore_eos=True).token_ids)
+            hits.append(cached.snapshot()["prefix_cache"]["hit_tokens"])
+        assert got == want
+        # The first chat found nothing; each later one found the shared prefix's whole blocks.
+        assert hits[0] == 0 and hits[1] == hits[2] - hits[1] == shared // 16 * 16
+        # The same prompt again: everything but the last token's block comes from the cache.
+        before = cached.snapshot()
+        assert cached.generate(chats[0], SamplingParams.greedy(12), ignore_eos=True).token_ids == want[0]
+        after = cached.snapshot()
+        assert after["prefix_cache"]["hit_tokens"] - before["prefix_cache"]["hit_tokens"] == (len(chats[0]) - 1) // 16 * 16
+        assert after["prefill_positions"] - before["prefill_positions"] == len(chats[0]) - (len(chats[0]) - 1) // 16 * 16
+        # An adapter changes every K/V: its first request reuses none of the base model's blocks.
+        adapter, _ = random_adapter(tiny_ckpt, tmp_path / "a", 1, 4, ("q_proj", "v_proj"), std=0.5)
+        cached.generate(chats[0], SamplingParams.greedy(2), ignore_eos=True, adapter=str(adapter))
+        assert cached.snapshot()["prefix_cache"]["hit_tokens"] == after["prefix_cache"]["hit_tokens"]
+        # Room for two blocks: older ones are evicted, and the answers stay right.
+        assert [small.generate(c, SamplingParams.greedy(12), ignore_eos=True).token_ids for c in chats] == want
+        stats = small.snapshot()["prefix_cache"]
+        assert stats["tokens"] == 32 and stats["evicted_blocks"] > 0
+    finally:
+        for eng in (plain, cached, small):
+            eng.shutdown()
+
+
+@pytest.mark.timeout(60)
 def test_no_cache_mode_matches_cache(tiny_ckpt, engine):
     recompute = load_engine(tiny_ckpt, EngineConfig(max_batch=4, kv_cache=False), dtype="float64")
     try:
