@@ -39,8 +39,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.runtime import REPO_ROOT, loopback_env
-from serve.engine import ContextLengthExceeded, EngineBusy, EngineConfig, EngineUnavailable
+from serve.engine import EngineBusy, EngineConfig, EngineUnavailable
 from serve.engine_process import EngineProcess
+from serve.frontend import ContextLengthExceeded
 from serve.guard import BrowserGuard, BrowserPolicy, arm_proxy, split_list
 from serve.protocol import (SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, ThinkSplitter,
                             chat_chunk, chat_response, completion_response, new_id, parse_request, sse, usage,
@@ -282,7 +283,7 @@ class MiniMindServer:
                                                                  prefix_cache_tokens=self.cfg.prefix_cache_tokens),
                                     lora=self.cfg.lora or None, dtype=self.cfg.dtype, device=self.cfg.device,
                                     threads=self.cfg.threads or max(1, math.floor(self.cfg.num_cpus)),
-                                    stream_interval=self.cfg.stream_interval_ms / 1000)
+                                    stream_interval=self.cfg.stream_interval_ms / 1000, tokenizer=self.tokenizer)
         self.api_key = api_key
         self.browser_policy = BrowserPolicy(split_list(self.cfg.allowed_hosts), split_list(self.cfg.cors_origins))
         gen_config = Path(self.cfg.model) / GENERATION_CONFIG

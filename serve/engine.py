@@ -7,8 +7,11 @@ One scheduler thread owns the model and a preallocated KV cache of `max_batch` s
      `prefill_tokens` positions (a longer prompt goes in chunks of that size, one per iteration, so the
      requests already decoding wait at most one chunk's forward for their next token),
   3. runs ONE decode forward for every active request together (input (B, 1), rows = their slots),
-  4. samples a token per row with that request's SamplingParams (one batched pass), detects stop ids, stop
-     strings and max_tokens, hands the new text to the request's consumer, and frees finished requests' slots.
+  4. samples a token per row with that request's SamplingParams (one batched pass), detects stop ids and
+     max_tokens, hands each request's new token id to its consumer, and frees finished requests' slots.
+The engine core handles token ids only. Validation, detokenization and stop strings are the front end's
+(serve/frontend.py: `Engine.stream`/`generate` here, `serve.engine_process.EngineProcess` in a Serve replica), so
+none of that runs on the scheduler thread between two forward passes.
 Requests therefore join and leave a running batch at token granularity (Orca's iteration-level scheduling,
 Yu et al. OSDI'22; vLLM's continuous batching), and N concurrent streams share each decode pass.
 
@@ -31,15 +34,16 @@ import threading
 import time
 import traceback
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimind.generate import SamplingParams, TextStream, make_generator, process_rows, sample_rows, token_mask
+from minimind.generate import SamplingParams, make_generator, process_rows, sample_rows, token_mask
 from serve.adapters import AdapterPool
+from serve.frontend import Delta, TextOutput, TokenDelta, validate
 from serve.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -73,22 +77,6 @@ class EngineConfig:
                              f"prefix_block ({self.prefix_block})")
 
 
-@dataclass
-class Delta:
-    """New output of one request since the last Delta it received."""
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last Delta
-    prompt_tokens: int = 0
-    completion_tokens: int = 0        # tokens generated so far, not counting a stop id
-    error: str | None = None
-
-    def merge(self, later: "Delta") -> "Delta":
-        """One Delta carrying both: a slow consumer gets a single chunk instead of a backlog."""
-        return Delta(self.text + later.text, self.token_ids + later.token_ids, later.finish_reason,
-                     later.prompt_tokens, later.completion_tokens, later.error)
-
-
 class EngineBusy(RuntimeError):
     """The waiting queue is full; the caller should retry later (HTTP 503)."""
 
@@ -97,52 +85,39 @@ class EngineUnavailable(RuntimeError):
     """The engine is shut down or its process has died; a new replica takes over (HTTP 503)."""
 
 
-class ContextLengthExceeded(ValueError):
-    """Prompt plus max_tokens do not fit the context (HTTP 400, code context_length_exceeded)."""
-
-
-def check_budget(prompt_ids: Sequence[int], max_new_tokens: int, context_len: int) -> None:
-    """Raise ValueError when a request cannot run: the server turns it into a 400 before streaming."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    if max_new_tokens < 1:
-        raise ValueError("max_tokens must be at least 1")
-    if len(prompt_ids) + max_new_tokens > context_len:
-        raise ContextLengthExceeded(f"this model's maximum context length is {context_len} tokens; the request needs "
-                         f"{len(prompt_ids) + max_new_tokens} ({len(prompt_ids)} in the prompt, {max_new_tokens} "
-                         f"for the completion)")
-
-
 class Request:
-    """Scheduler-side state of one generation. Only the scheduler thread mutates it, except `cancelled`."""
+    """Scheduler-side state of one generation: token ids only. Only the scheduler thread mutates it, except
+    `cancel`, which any thread may call."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, stop: Sequence[str], stop_ids: set[int],
-                 tokenizer, emit: Callable[[Delta], None], device, vocab_size: int | None = None):
-        self.prompt, self.params = prompt, params
-        self.stop, self.stop_ids, self.emit = tuple(stop), stop_ids, emit
-        # A stop string may straddle pieces: hold back this many characters until the next token decides.
-        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int],
+                 emit: Callable[[TokenDelta], None], device, vocab_size: int):
+        self.prompt, self.params, self.stop_ids, self.emit = prompt, params, stop_ids, emit
         self.generator = make_generator(params, device)
         # Penalty state, kept up to date token by token (not rebuilt from the whole output every step).
         self.seen = self.generated = None
         if params.repetition_penalty != 1.0 or params.presence_penalty:
-            vocab = vocab_size or tokenizer.vocab_size
-            self.generated = token_mask(vocab, [], device)
-            self.seen = token_mask(vocab, torch.tensor(prompt, device=device), device)
-        self.stream = TextStream(tokenizer)
+            self.generated = token_mask(vocab_size, [], device)
+            self.seen = token_mask(vocab_size, torch.tensor(prompt, device=device), device)
         self.output: list[int] = []
-        self.text = ""      # decoded output, already cut at a stop string
-        self.sent = 0       # characters of `text` handed to the consumer
-        self.unsent_ids: list[int] = []
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.adapter_key: str | None = None  # LoRA adapter directory, installed at admission
         self.adapter = 0                      # its index in the engine's AdapterPool (0: the base model)
-        self.cancelled = False
+        self.cancel_reason: str | None = None
         self.finished = False
         # perf_counter() at submission, first output token and finish: TTFT and TPOT as the engine sees them.
         self.submitted_at = time.perf_counter()
         self.first_token_at = self.finished_at = None
+
+    def cancel(self, reason: str = "abort") -> None:
+        """End the request at the next scheduler iteration, finishing with `reason` ("abort": the client went
+        away; "stop": the front end found a stop string). A no-op once it has finished."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
 
     @property
     def plain_greedy(self) -> bool:
@@ -234,17 +209,15 @@ class Engine:
 
     # ------------------------------------------------------------------ public interface
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[Delta], None],
-               stop: Sequence[str] = (), ignore_eos: bool = False, adapter: str | None = None) -> Request:
-        """Queue a request; `emit` is called from the scheduler thread with each Delta, the last one finished.
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[TokenDelta], None],
+               ignore_eos: bool = False, adapter: str | None = None) -> Request:
+        """Queue a request the front end has validated (`serve.frontend.validate`); `emit` is called from the
+        scheduler thread with each TokenDelta, the last one finished.
 
         adapter: a LoRA adapter directory (PEFT format) this request decodes with; read on its first use and
         shared by every later request naming it. A bad adapter raises ValueError here."""
-        params.validate()
-        check_budget(prompt_ids, params.max_new_tokens, self.context_len)
         stop_ids = set(params.stop_ids) | (set() if ignore_eos else self.eos_ids)
-        req = Request(list(prompt_ids), params, [s for s in stop if s], stop_ids, self.tokenizer, emit, self.device,
-                      self.model.config.vocab_size)
+        req = Request(list(prompt_ids), params, stop_ids, emit, self.device, self.model.config.vocab_size)
         if adapter:
             key = self.adapters.key(adapter)
             with self._cv:
@@ -263,48 +236,54 @@ class Engine:
             self._cv.notify()
         return req
 
+    # The in-process front end: validation, text and stop strings on the caller's side (serve.frontend).
+
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                ignore_eos: bool = False, adapter: str | None = None) -> AsyncIterator[Delta]:
-        """Submit now (so a bad or refused request raises here, before any response starts) and return an
-        async iterator of Deltas; whatever piled up since the last one arrives merged into one.
+        """Validate and submit now (so a bad or refused request raises here, before any response starts) and
+        return an async iterator of Deltas; whatever piled up since the last one arrives merged into one.
 
         Leaving the iteration early (client disconnect, task cancelled) cancels the request and frees its slot.
         """
+        validate(prompt_ids, params, self.context_len)
         loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Delta] = asyncio.Queue()
+        inbox: asyncio.Queue[TokenDelta] = asyncio.Queue()
         req = self.submit(prompt_ids, params, lambda d: loop.call_soon_threadsafe(inbox.put_nowait, d),
-                          stop, ignore_eos, adapter)
-        return self._drain(req, inbox)
+                          ignore_eos, adapter)
+        return self._drain(req, inbox, TextOutput(self.tokenizer, stop))
 
     @staticmethod
-    async def _drain(req: Request, inbox: asyncio.Queue) -> AsyncIterator[Delta]:
+    async def _drain(req: Request, inbox: asyncio.Queue, text: TextOutput) -> AsyncIterator[Delta]:
         try:
             while True:
-                delta = await inbox.get()
-                while delta.finish_reason is None and not inbox.empty():
-                    delta = delta.merge(inbox.get_nowait())
-                yield delta
-                if delta.finish_reason is not None:
+                core = await inbox.get()
+                while core.finish_reason is None and not inbox.empty():
+                    core = core.merge(inbox.get_nowait())
+                delta = text.push(core)
+                if delta is not None:
+                    yield delta
+                if text.done:
                     return
         finally:
-            req.cancelled = True  # a no-op when the request already finished
+            req.cancel("stop" if text.stopped else "abort")  # a no-op when the request already finished
 
     def stream_sync(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                     ignore_eos: bool = False, timeout: float | None = None,
                     adapter: str | None = None) -> Iterator[Delta]:
         """The blocking counterpart of `stream`, for callers without an event loop (CLI, benchmarks)."""
-        inbox: queue.Queue[Delta] = queue.Queue()
-        req = self.submit(prompt_ids, params, inbox.put, stop, ignore_eos, adapter)
+        validate(prompt_ids, params, self.context_len)
+        inbox: queue.Queue[TokenDelta] = queue.Queue()
+        req = self.submit(prompt_ids, params, inbox.put, ignore_eos, adapter)
+        text = TextOutput(self.tokenizer, stop)
 
         def deltas():
             try:
-                while True:
-                    delta = inbox.get(timeout=timeout)
-                    yield delta
-                    if delta.finish_reason is not None:
-                        return
+                while not text.done:
+                    delta = text.push(inbox.get(timeout=timeout))
+                    if delta is not None:
+                        yield delta
             finally:
-                req.cancelled = True
+                req.cancel("stop" if text.stopped else "abort")
 
         return deltas()
 
@@ -378,12 +357,12 @@ class Engine:
     def _admit(self) -> list[Request]:
         """Move waiting requests into free slots (called with the lock held)."""
         for req in [r for r in self._active if r.cancelled]:
-            self._finish(req, "abort")
+            self._finish(req, req.cancel_reason)
         admitted = []
         while self._waiting and self._free:
             req = self._waiting.popleft()
             if req.cancelled:
-                self._finish(req, "abort")
+                self._finish(req, req.cancel_reason)
                 continue
             if req.adapter_key is not None:
                 try:
@@ -500,46 +479,28 @@ class Engine:
 
     def _append(self, req: Request, token: int):
         if req.cancelled:
-            self._finish(req, "abort")
+            self._finish(req, req.cancel_reason)
             return
         if token in req.stop_ids:
-            req.text += req.stream.flush()
             self._finish(req, "stop")
             return
         req.output.append(token)
-        req.unsent_ids.append(token)
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         if req.seen is not None:
             req.seen[token] = req.generated[token] = True
-        before = len(req.text)
-        req.text += req.stream.push(token)
-        if req.stop:
-            # Only text that arrived with this token (plus a stop string's length before it) can hold a new match.
-            start = max(0, before - req.holdback)
-            hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]
-            if hits:
-                req.text = req.text[:min(hits)]
-                self._finish(req, "stop")
-                return
         if len(req.output) >= req.params.max_new_tokens:
-            req.text += req.stream.flush()
-            self._finish(req, "length")
+            self._finish(req, "length", last=[token])
             return
-        ready = len(req.text) - req.holdback
-        if ready > req.sent:
-            self._send(req, req.text[req.sent:ready])
+        self._emit(req, TokenDelta([token], None, len(req.prompt), len(req.output)))
 
-    def _send(self, req: Request, text: str, finish_reason: str | None = None, error: str | None = None):
-        delta = Delta(text, req.unsent_ids, finish_reason, len(req.prompt), len(req.output), error)
-        req.sent += len(text)
-        req.unsent_ids = []
+    def _emit(self, req: Request, delta: TokenDelta):
         try:
             req.emit(delta)
         except RuntimeError:  # e.g. the consumer's event loop is closed: nobody is listening any more
-            req.cancelled = True
+            req.cancel()
 
-    def _finish(self, req: Request, reason: str, error: str | None = None):
+    def _finish(self, req: Request, reason: str, error: str | None = None, last: list[int] | None = None):
         req.finished_at = time.perf_counter()
         req.finished = True
         if req in self._active:
@@ -549,7 +510,7 @@ class Engine:
             self._waiting.remove(req)
         with self._cv:
             self.stats["finish_reasons"][reason] += 1
-        self._send(req, req.text[req.sent:], reason, error)
+        self._emit(req, TokenDelta(last or [], reason, len(req.prompt), len(req.output), error))
 
 
 def _shutdown_at_exit(ref):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -210,10 +211,18 @@ def test_stop_strings_stop_ids_and_lengths(engine):
     # A stop string from the middle of the text: the output ends right before it, and no streamed piece leaks it.
     stop = full.text[len(full.text) // 2:][:3]
     cut = full.text.index(stop)
-    deltas = list(engine.stream_sync(prompt, SamplingParams.greedy(30), stop=[stop, "never-appears"],
+    before = engine.snapshot()
+    deltas = list(engine.stream_sync(prompt, SamplingParams.greedy(200), stop=[stop, "never-appears"],
                                      ignore_eos=True))
     assert "".join(d.text for d in deltas) == full.text[:cut]
     assert deltas[-1].finish_reason == "stop"
+    # The front end found it and cancelled the core request: it did not decode on to max_tokens (200).
+    deadline = time.monotonic() + 10
+    while (after := engine.snapshot())["active"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert after["finish_reasons"]["stop"] == before["finish_reasons"].get("stop", 0) + 1
+    assert deltas[-1].completion_tokens < 30 and after["decoded_tokens"] - before["decoded_tokens"] < 200
     # A stop id ends the output before that token; it is not returned.
     params = SamplingParams.greedy(30, stop_ids=[full.token_ids[5]])
     out = engine.generate(prompt, params, ignore_eos=True)
@@ -224,6 +233,30 @@ def test_stop_strings_stop_ids_and_lengths(engine):
         engine.generate(prompt, SamplingParams.greedy(engine.context_len))
     with pytest.raises(ValueError, match="empty"):
         engine.generate([], SamplingParams.greedy(3))
+
+
+@pytest.mark.timeout(60)
+def test_the_engine_core_needs_no_tokenizer(engine):
+    """The core schedules and samples token ids only: built without a tokenizer, it emits the same greedy ids
+    as the in-process front end, as TokenDeltas of one id each, the last one finished."""
+    from serve.engine import Engine
+    core = Engine(engine.model, tokenizer=None, config=EngineConfig(max_batch=2, max_len=256), eos_ids=[])
+    try:
+        prompt = prompts(engine, 1)[0]
+        got, done = [], threading.Event()
+
+        def emit(delta):
+            got.append(delta)
+            if delta.finish_reason is not None:
+                done.set()
+        core.submit(prompt, SamplingParams.greedy(10), emit)
+        assert done.wait(30)
+    finally:
+        core.shutdown()
+    assert all(len(d.token_ids) == 1 and not hasattr(d, "text") for d in got)
+    assert [t for d in got for t in d.token_ids] == engine.generate(prompt, SamplingParams.greedy(10),
+                                                                   ignore_eos=True).token_ids
+    assert got[-1].finish_reason == "length" and got[-1].completion_tokens == 10
 
 
 @pytest.mark.timeout(60)
