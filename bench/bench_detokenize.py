@@ -85,11 +85,12 @@ def detokenizer_cost(tok, ids: list[int], cls, lengths, rounds) -> dict[int, flo
 def engine_tpot(tok, preset: str, n_tokens: int, threads: int, cls) -> dict:
     """One greedy request of n_tokens through the engine: ms per token over the first and the last 100."""
     import serve.engine as engine_mod
+    import serve.frontend as frontend
     from minimind.config import PRESETS
     from minimind.model import MiniMind
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    engine_mod.TextStream = cls  # the engine's detokenizer for this run
+    frontend.TextStream = cls  # the front end's detokenizer for this run
     engine = engine_mod.Engine(MiniMind(PRESETS[preset]).eval(), tok,
                                engine_mod.EngineConfig(max_batch=1, max_len=n_tokens + 64))
     try:
@@ -100,7 +101,7 @@ def engine_tpot(tok, preset: str, n_tokens: int, threads: int, cls) -> dict:
             arrivals.extend([time.perf_counter()] * len(delta.token_ids))
     finally:
         engine.shutdown()
-        engine_mod.TextStream = TextStream
+        frontend.TextStream = TextStream
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     return {"tokens": count, "tpot_ms_first_100": statistics.mean(gaps[:100]) * 1e3,
             "tpot_ms_last_100": statistics.mean(gaps[-100:]) * 1e3}

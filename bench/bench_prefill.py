@@ -13,8 +13,6 @@ output tokens / wall time of the level. Budgets alternate round by round
   python bench/bench_prefill.py --budgets 512 1024 --concurrency 32 64
 Prints a table and writes bench/results/prefill.json.
 """
-import bisect
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
 
-from engine_bench import AllFinished, random_checkpoint, write_result  # noqa: E402
+from engine_bench import random_checkpoint, run_burst as run_level, write_result  # noqa: E402
 
 
 @dataclass
@@ -44,23 +42,6 @@ def mixed_lengths(n: int, low: int, high: int, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(n, generator=g, dtype=torch.float64)
     return [int(round(low * (high / low) ** x)) for x in u.tolist()]
-
-
-def run_level(engine, flushes: list[float], prompts, new_tokens) -> dict:
-    from minimind.generate import SamplingParams
-    forwards = engine.stats["prefill_forwards"]
-    done = AllFinished(len(prompts))
-    start = time.perf_counter()
-    reqs = [engine.submit(p, SamplingParams.greedy(new_tokens), done.emit, ignore_eos=True) for p in prompts]
-    done.wait()
-    wall = time.perf_counter() - start
-    shipped = [bisect.bisect_left(flushes, r.first_token_at) for r in reqs]
-    ttft = sorted((flushes[i] if i < len(flushes) else r.finished_at) - r.submitted_at for r, i in zip(reqs, shipped))
-    tpot = [(r.finished_at - r.first_token_at) / (len(r.output) - 1) for r in reqs]
-    return {"wall_s": wall, "tokens_per_s": sum(len(r.output) for r in reqs) / wall,
-            "ttft_p50_ms": statistics.median(ttft) * 1e3,
-            "ttft_p99_ms": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] * 1e3,
-            "tpot_ms": statistics.mean(tpot) * 1e3, "prefill_forwards": engine.stats["prefill_forwards"] - forwards}
 
 
 def main(argv=None):

@@ -1,6 +1,9 @@
 """What the in-process engine benchmarks share: a random-weight checkpoint to serve, a wait for a burst of
-requests that does not poll, and writing the result JSON."""
+requests that does not poll, the timing of a burst, and writing the result JSON."""
+import bisect
 import json
+import statistics
+import time
 import tempfile
 import threading
 from pathlib import Path
@@ -37,6 +40,31 @@ class AllFinished:
 
     def wait(self):
         self.event.wait()
+
+
+def run_burst(engine, flushes: list[float], prompts, new_tokens) -> dict:
+    """Submit every prompt at once (greedy, EOS ignored, `new_tokens` each) and time the burst.
+
+    flushes: perf_counter() of every engine on_flush, appended by the engine's callback. TTFT = submission to
+    the first flush after the request's first token (queueing included): on_flush is when
+    serve.engine_process ships the Deltas piled up so far to the HTTP side, so this is the first token as a
+    client of the service can see it. TPOT = (finish - first token) / (tokens - 1); tokens/s = all output
+    tokens / wall time."""
+    from minimind.generate import SamplingParams
+    forwards, positions = engine.stats["prefill_forwards"], engine.stats["prefill_positions"]
+    done = AllFinished(len(prompts))
+    start = time.perf_counter()
+    reqs = [engine.submit(p, SamplingParams.greedy(new_tokens), done.emit, ignore_eos=True) for p in prompts]
+    done.wait()
+    wall = time.perf_counter() - start
+    shipped = [bisect.bisect_left(flushes, r.first_token_at) for r in reqs]
+    ttft = sorted((flushes[i] if i < len(flushes) else r.finished_at) - r.submitted_at for r, i in zip(reqs, shipped))
+    tpot = [(r.finished_at - r.first_token_at) / (len(r.output) - 1) for r in reqs]
+    return {"wall_s": wall, "tokens_per_s": sum(len(r.output) for r in reqs) / wall,
+            "ttft_p50_ms": statistics.median(ttft) * 1e3,
+            "ttft_p99_ms": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] * 1e3,
+            "tpot_ms": statistics.mean(tpot) * 1e3, "prefill_forwards": engine.stats["prefill_forwards"] - forwards,
+            "prefill_positions": engine.stats["prefill_positions"] - positions}
 
 
 def write_result(result: dict, out) -> None:

@@ -39,8 +39,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.runtime import REPO_ROOT, loopback_env
-from serve.engine import ContextLengthExceeded, EngineBusy, EngineConfig, EngineUnavailable
+from serve.engine import EngineBusy, EngineConfig, EngineUnavailable
 from serve.engine_process import EngineProcess
+from serve.frontend import ContextLengthExceeded
 from serve.guard import BrowserGuard, BrowserPolicy, arm_proxy, split_list
 from serve.protocol import (SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, ThinkSplitter,
                             chat_chunk, chat_response, completion_response, new_id, parse_request, sse, usage,
@@ -81,11 +82,17 @@ class ServeConfig:
     prefill_tokens: int = field(default=512, metadata={
         "help": "prompt positions one prefill forward takes: new prompts are prefilled together up to this, a "
                 "longer one in chunks of it between decode steps"})
+    prefix_cache_tokens: int = field(default=4096, metadata={
+        "help": "tokens of prompt-prefix K/V kept for reuse by later prompts that start alike (the chat "
+                "template, a shared system prompt); 0: off"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted"})
     reasoning: str = field(default="auto", metadata={"help": "split <think>...</think> into reasoning_content",
                                                       "choices": ["auto", "on", "off"]})
     api_key_env: str = field(default="MINIMIND_API_KEY",
                              metadata={"help": "environment variable holding the API key (unset: no auth)"})
+    num_replicas: int = field(default=1, metadata={
+        "help": "replicas behind the one HTTP ingress, each with its own engine (serve deploy: config.yaml's "
+                "num_replicas or autoscaling_config instead)"})
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per replica"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPU share per replica (e.g. 0.5)"})
     threads: int = field(default=0, metadata={"help": "torch threads of the engine; 0: floor(num_cpus)"})
@@ -104,6 +111,8 @@ class ServeConfig:
         for f in dataclasses.fields(self):
             if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
                 raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be at least 1, got {self.num_replicas}")
         if not self.model:
             raise ValueError("the checkpoint directory is required: model=DIR (or --model DIR)")
         path = Path(os.path.expanduser(self.model))
@@ -190,8 +199,30 @@ def _error_body(status: int, message: str, code: str) -> dict:
     return ApiError(status, message, code=code).body()
 
 
+class ReplicaHeader:
+    """Pure ASGI middleware: every response names the replica that made it (`x-minimind-replica`), so a client
+    or an operator behind the one ingress can tell replicas apart (a slow one, a log to read)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.value: bytes | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.value is None:
+            self.value = serve.get_replica_context().replica_id.unique_id.encode()
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-minimind-replica", self.value)]}
+            await send(message)
+        return await self.app(scope, receive, send_with_header)
+
+
 # Before @serve.ingress below, which freezes a copy of the app.
 api.add_middleware(BrowserGuard, policy=_replica_policy, error_body=_error_body)
+api.add_middleware(ReplicaHeader)  # outermost: refusals by the guard are labelled too
 
 
 @api.exception_handler(ApiError)
@@ -248,10 +279,11 @@ class MiniMindServer:
         # The engine runs in a child process so that HTTP work here never holds up a forward pass (GIL).
         self.engine = EngineProcess(self.cfg.model, EngineConfig(self.cfg.max_batch, self.cfg.max_len,
                                                                  self.cfg.kv_cache, self.cfg.max_waiting,
-                                                                 prefill_tokens=self.cfg.prefill_tokens),
+                                                                 prefill_tokens=self.cfg.prefill_tokens,
+                                                                 prefix_cache_tokens=self.cfg.prefix_cache_tokens),
                                     lora=self.cfg.lora or None, dtype=self.cfg.dtype, device=self.cfg.device,
                                     threads=self.cfg.threads or max(1, math.floor(self.cfg.num_cpus)),
-                                    stream_interval=self.cfg.stream_interval_ms / 1000)
+                                    stream_interval=self.cfg.stream_interval_ms / 1000, tokenizer=self.tokenizer)
         self.api_key = api_key
         self.browser_policy = BrowserPolicy(split_list(self.cfg.allowed_hosts), split_list(self.cfg.cors_origins))
         gen_config = Path(self.cfg.model) / GENERATION_CONFIG
@@ -500,7 +532,9 @@ def build_app(args: dict) -> serve.Application:
     if cfg.num_gpus:
         options["num_gpus"] = cfg.num_gpus
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeConfig)}
-    return MiniMindServer.options(ray_actor_options=options,
+    # Set only when asked: a config.yaml deployment with autoscaling_config must not also get num_replicas.
+    replicas = {"num_replicas": cfg.num_replicas} if cfg.num_replicas != 1 else {}
+    return MiniMindServer.options(ray_actor_options=options, **replicas,
                                   logging_config={"enable_access_log": cfg.access_log}).bind(fields, api_key)
 
 

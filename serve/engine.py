@@ -1,17 +1,23 @@
 """A continuous-batching generation engine for MiniMind: pure PyTorch, no Ray, no HTTP.
 
 One scheduler thread owns the model and a preallocated KV cache of `max_batch` slots. Each iteration it
-  1. admits waiting requests into free slots and prefills each one alone (a (1, T) forward into its slot),
-  2. runs ONE decode forward for every active request together (input (B, 1), rows = their slots),
-  3. samples a token per row with that request's SamplingParams, detects stop ids, stop strings and
-     max_tokens, hands the new text to the request's consumer, and frees the slots of finished requests.
+  1. admits waiting requests into free slots, copying into each slot the K/V of the longest prompt prefix
+     already computed for an earlier request (prefix caching, serve/prefix_cache.py),
+  2. prefills the rest of the pending prompts together, in one right-padded forward of at most
+     `prefill_tokens` positions (a longer prompt goes in chunks of that size, one per iteration, so the
+     requests already decoding wait at most one chunk's forward for their next token),
+  3. runs ONE decode forward for every active request together (input (B, 1), rows = their slots),
+  4. samples a token per row with that request's SamplingParams (one batched pass), detects stop ids and
+     max_tokens, hands each request's new token id to its consumer, and frees finished requests' slots.
+The engine core handles token ids only. Validation, detokenization and stop strings are the front end's
+(serve/frontend.py: `Engine.stream`/`generate` here, `serve.engine_process.EngineProcess` in a Serve replica), so
+none of that runs on the scheduler thread between two forward passes.
 Requests therefore join and leave a running batch at token granularity (Orca's iteration-level scheduling,
 Yu et al. OSDI'22; vLLM's continuous batching), and N concurrent streams share each decode pass.
 
-Prefill runs one request at a time so its result never depends on what else is running: a prompt's cache
-entries and first token are the same whether the server is idle or busy. Decode rows are independent too
-(the model masks each row to its own cache length), but a batched matmul may round differently from a
-single-row one in the last bit of fp32; see tests/test_engine.py for how equality is checked.
+Rows are independent: the model masks each row to its own cache length, so a prompt's cache entries and tokens
+do not depend on what else is running, except that a batched matmul may round differently from a single-row
+one in the last bit of fp32; see tests/test_engine.py for how equality is checked.
 
 `kv_cache=False` recomputes every sequence in full each step (one forward per request): the benchmark's
 no-cache baseline, and a reference the cached path must reproduce.
@@ -28,15 +34,17 @@ import threading
 import time
 import traceback
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimind.generate import SamplingParams, TextStream, make_generator, process_rows, sample_rows, token_mask
+from minimind.generate import SamplingParams, make_generator, process_rows, sample_rows, token_mask
 from serve.adapters import AdapterPool
+from serve.frontend import Delta, TextOutput, TokenDelta, validate
+from serve.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +63,18 @@ class EngineConfig:
     # to this many; a longer one goes in chunks of it, one chunk per scheduler iteration, so the requests
     # already decoding wait at most one chunk's forward for their next token.
     prefill_tokens: int = 512
+    # Prefix caching (serve.prefix_cache): K/V of prompt prefixes kept in blocks of prefix_block tokens, at
+    # most prefix_cache_tokens of them (0: off), and copied into the slot of a later prompt that starts alike.
+    prefix_cache_tokens: int = 4096
+    prefix_block: int = 16
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_len < 2 or self.max_waiting < 0 or self.prefill_tokens < 1:
             raise ValueError(f"invalid engine config {self}")
-
-
-@dataclass
-class Delta:
-    """New output of one request since the last Delta it received."""
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last Delta
-    prompt_tokens: int = 0
-    completion_tokens: int = 0        # tokens generated so far, not counting a stop id
-    error: str | None = None
-
-    def merge(self, later: "Delta") -> "Delta":
-        """One Delta carrying both: a slow consumer gets a single chunk instead of a backlog."""
-        return Delta(self.text + later.text, self.token_ids + later.token_ids, later.finish_reason,
-                     later.prompt_tokens, later.completion_tokens, later.error)
+        if self.prefix_block < 1 or self.prefix_cache_tokens < 0 or (
+                self.prefix_cache_tokens and self.prefix_cache_tokens < self.prefix_block):
+            raise ValueError(f"invalid engine config {self}: prefix_cache_tokens must be 0 or at least "
+                             f"prefix_block ({self.prefix_block})")
 
 
 class EngineBusy(RuntimeError):
@@ -85,52 +85,39 @@ class EngineUnavailable(RuntimeError):
     """The engine is shut down or its process has died; a new replica takes over (HTTP 503)."""
 
 
-class ContextLengthExceeded(ValueError):
-    """Prompt plus max_tokens do not fit the context (HTTP 400, code context_length_exceeded)."""
-
-
-def check_budget(prompt_ids: Sequence[int], max_new_tokens: int, context_len: int) -> None:
-    """Raise ValueError when a request cannot run: the server turns it into a 400 before streaming."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    if max_new_tokens < 1:
-        raise ValueError("max_tokens must be at least 1")
-    if len(prompt_ids) + max_new_tokens > context_len:
-        raise ContextLengthExceeded(f"this model's maximum context length is {context_len} tokens; the request needs "
-                         f"{len(prompt_ids) + max_new_tokens} ({len(prompt_ids)} in the prompt, {max_new_tokens} "
-                         f"for the completion)")
-
-
 class Request:
-    """Scheduler-side state of one generation. Only the scheduler thread mutates it, except `cancelled`."""
+    """Scheduler-side state of one generation: token ids only. Only the scheduler thread mutates it, except
+    `cancel`, which any thread may call."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, stop: Sequence[str], stop_ids: set[int],
-                 tokenizer, emit: Callable[[Delta], None], device, vocab_size: int | None = None):
-        self.prompt, self.params = prompt, params
-        self.stop, self.stop_ids, self.emit = tuple(stop), stop_ids, emit
-        # A stop string may straddle pieces: hold back this many characters until the next token decides.
-        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: set[int],
+                 emit: Callable[[TokenDelta], None], device, vocab_size: int):
+        self.prompt, self.params, self.stop_ids, self.emit = prompt, params, stop_ids, emit
         self.generator = make_generator(params, device)
         # Penalty state, kept up to date token by token (not rebuilt from the whole output every step).
         self.seen = self.generated = None
         if params.repetition_penalty != 1.0 or params.presence_penalty:
-            vocab = vocab_size or tokenizer.vocab_size
-            self.generated = token_mask(vocab, [], device)
-            self.seen = token_mask(vocab, torch.tensor(prompt, device=device), device)
-        self.stream = TextStream(tokenizer)
+            self.generated = token_mask(vocab_size, [], device)
+            self.seen = token_mask(vocab_size, torch.tensor(prompt, device=device), device)
         self.output: list[int] = []
-        self.text = ""      # decoded output, already cut at a stop string
-        self.sent = 0       # characters of `text` handed to the consumer
-        self.unsent_ids: list[int] = []
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.adapter_key: str | None = None  # LoRA adapter directory, installed at admission
         self.adapter = 0                      # its index in the engine's AdapterPool (0: the base model)
-        self.cancelled = False
+        self.cancel_reason: str | None = None
         self.finished = False
         # perf_counter() at submission, first output token and finish: TTFT and TPOT as the engine sees them.
         self.submitted_at = time.perf_counter()
         self.first_token_at = self.finished_at = None
+
+    def cancel(self, reason: str = "abort") -> None:
+        """End the request at the next scheduler iteration, finishing with `reason` ("abort": the client went
+        away; "stop": the front end found a stop string). A no-op once it has finished."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
 
     @property
     def plain_greedy(self) -> bool:
@@ -201,6 +188,8 @@ class Engine:
         self.adapters = AdapterPool(model)
         self._read_adapters: dict[str, dict] = {}  # read at submission, installed by the scheduler at admission
         self.cache = model.new_cache(self.config.max_batch, self.context_len) if self.config.kv_cache else None
+        self.prefixes = (PrefixCache(self.cache, self.config.prefix_block, self.config.prefix_cache_tokens)
+                         if self.cache is not None and self.config.prefix_cache_tokens else None)
         # A heap: the lowest free slot goes first, which keeps busy slots packed at the front of the cache.
         self._free = list(range(self.config.max_batch))
         self._active: list[Request] = []
@@ -220,17 +209,15 @@ class Engine:
 
     # ------------------------------------------------------------------ public interface
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[Delta], None],
-               stop: Sequence[str] = (), ignore_eos: bool = False, adapter: str | None = None) -> Request:
-        """Queue a request; `emit` is called from the scheduler thread with each Delta, the last one finished.
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Callable[[TokenDelta], None],
+               ignore_eos: bool = False, adapter: str | None = None) -> Request:
+        """Queue a request the front end has validated (`serve.frontend.validate`); `emit` is called from the
+        scheduler thread with each TokenDelta, the last one finished.
 
         adapter: a LoRA adapter directory (PEFT format) this request decodes with; read on its first use and
         shared by every later request naming it. A bad adapter raises ValueError here."""
-        params.validate()
-        check_budget(prompt_ids, params.max_new_tokens, self.context_len)
         stop_ids = set(params.stop_ids) | (set() if ignore_eos else self.eos_ids)
-        req = Request(list(prompt_ids), params, [s for s in stop if s], stop_ids, self.tokenizer, emit, self.device,
-                      self.model.config.vocab_size)
+        req = Request(list(prompt_ids), params, stop_ids, emit, self.device, self.model.config.vocab_size)
         if adapter:
             key = self.adapters.key(adapter)
             with self._cv:
@@ -249,48 +236,54 @@ class Engine:
             self._cv.notify()
         return req
 
+    # The in-process front end: validation, text and stop strings on the caller's side (serve.frontend).
+
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                ignore_eos: bool = False, adapter: str | None = None) -> AsyncIterator[Delta]:
-        """Submit now (so a bad or refused request raises here, before any response starts) and return an
-        async iterator of Deltas; whatever piled up since the last one arrives merged into one.
+        """Validate and submit now (so a bad or refused request raises here, before any response starts) and
+        return an async iterator of Deltas; whatever piled up since the last one arrives merged into one.
 
         Leaving the iteration early (client disconnect, task cancelled) cancels the request and frees its slot.
         """
+        validate(prompt_ids, params, self.context_len)
         loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Delta] = asyncio.Queue()
+        inbox: asyncio.Queue[TokenDelta] = asyncio.Queue()
         req = self.submit(prompt_ids, params, lambda d: loop.call_soon_threadsafe(inbox.put_nowait, d),
-                          stop, ignore_eos, adapter)
-        return self._drain(req, inbox)
+                          ignore_eos, adapter)
+        return self._drain(req, inbox, TextOutput(self.tokenizer, stop))
 
     @staticmethod
-    async def _drain(req: Request, inbox: asyncio.Queue) -> AsyncIterator[Delta]:
+    async def _drain(req: Request, inbox: asyncio.Queue, text: TextOutput) -> AsyncIterator[Delta]:
         try:
             while True:
-                delta = await inbox.get()
-                while delta.finish_reason is None and not inbox.empty():
-                    delta = delta.merge(inbox.get_nowait())
-                yield delta
-                if delta.finish_reason is not None:
+                core = await inbox.get()
+                while core.finish_reason is None and not inbox.empty():
+                    core = core.merge(inbox.get_nowait())
+                delta = text.push(core)
+                if delta is not None:
+                    yield delta
+                if text.done:
                     return
         finally:
-            req.cancelled = True  # a no-op when the request already finished
+            req.cancel("stop" if text.stopped else "abort")  # a no-op when the request already finished
 
     def stream_sync(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                     ignore_eos: bool = False, timeout: float | None = None,
                     adapter: str | None = None) -> Iterator[Delta]:
         """The blocking counterpart of `stream`, for callers without an event loop (CLI, benchmarks)."""
-        inbox: queue.Queue[Delta] = queue.Queue()
-        req = self.submit(prompt_ids, params, inbox.put, stop, ignore_eos, adapter)
+        validate(prompt_ids, params, self.context_len)
+        inbox: queue.Queue[TokenDelta] = queue.Queue()
+        req = self.submit(prompt_ids, params, inbox.put, ignore_eos, adapter)
+        text = TextOutput(self.tokenizer, stop)
 
         def deltas():
             try:
-                while True:
-                    delta = inbox.get(timeout=timeout)
-                    yield delta
-                    if delta.finish_reason is not None:
-                        return
+                while not text.done:
+                    delta = text.push(inbox.get(timeout=timeout))
+                    if delta is not None:
+                        yield delta
             finally:
-                req.cancelled = True
+                req.cancel("stop" if text.stopped else "abort")
 
         return deltas()
 
@@ -312,6 +305,8 @@ class Engine:
                     "finish_reasons": dict(self.stats["finish_reasons"]), "active": len(self._active),
                     "waiting": len(self._waiting), "max_batch": self.config.max_batch,
                     "context_len": self.context_len, "kv_cache": self.config.kv_cache, "adapters": len(self.adapters),
+                    "prefix_cache": {**self.prefixes.stats, "tokens": self.prefixes.tokens}
+                    if self.prefixes is not None else None,
                     "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch.")}
 
     def shutdown(self, timeout: float = 10.0):
@@ -362,12 +357,12 @@ class Engine:
     def _admit(self) -> list[Request]:
         """Move waiting requests into free slots (called with the lock held)."""
         for req in [r for r in self._active if r.cancelled]:
-            self._finish(req, "abort")
+            self._finish(req, req.cancel_reason)
         admitted = []
         while self._waiting and self._free:
             req = self._waiting.popleft()
             if req.cancelled:
-                self._finish(req, "abort")
+                self._finish(req, req.cancel_reason)
                 continue
             if req.adapter_key is not None:
                 try:
@@ -393,6 +388,9 @@ class Engine:
             return
         if admitted:
             self.cache.reset([r.slot for r in admitted])
+            if self.prefixes is not None:
+                for req in admitted:
+                    req.prefilled = self.prefixes.load(req.prompt, req.adapter_key, req.slot)
         pending = [r for r in self._active if r.prefilled < len(r.prompt)]  # in arrival order
         if pending:
             self._prefill(pending)
@@ -443,6 +441,8 @@ class Engine:
             req.prefilled += n
             if req.prefilled == len(req.prompt):
                 done.append(i)
+                if self.prefixes is not None:
+                    self.prefixes.store(req.prompt, req.adapter_key, req.slot)
         with self._cv:
             self.stats["prefills"] += len(done)
             self.stats["prefill_forwards"] += 1
@@ -479,46 +479,28 @@ class Engine:
 
     def _append(self, req: Request, token: int):
         if req.cancelled:
-            self._finish(req, "abort")
+            self._finish(req, req.cancel_reason)
             return
         if token in req.stop_ids:
-            req.text += req.stream.flush()
             self._finish(req, "stop")
             return
         req.output.append(token)
-        req.unsent_ids.append(token)
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         if req.seen is not None:
             req.seen[token] = req.generated[token] = True
-        before = len(req.text)
-        req.text += req.stream.push(token)
-        if req.stop:
-            # Only text that arrived with this token (plus a stop string's length before it) can hold a new match.
-            start = max(0, before - req.holdback)
-            hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]
-            if hits:
-                req.text = req.text[:min(hits)]
-                self._finish(req, "stop")
-                return
         if len(req.output) >= req.params.max_new_tokens:
-            req.text += req.stream.flush()
-            self._finish(req, "length")
+            self._finish(req, "length", last=[token])
             return
-        ready = len(req.text) - req.holdback
-        if ready > req.sent:
-            self._send(req, req.text[req.sent:ready])
+        self._emit(req, TokenDelta([token], None, len(req.prompt), len(req.output)))
 
-    def _send(self, req: Request, text: str, finish_reason: str | None = None, error: str | None = None):
-        delta = Delta(text, req.unsent_ids, finish_reason, len(req.prompt), len(req.output), error)
-        req.sent += len(text)
-        req.unsent_ids = []
+    def _emit(self, req: Request, delta: TokenDelta):
         try:
             req.emit(delta)
         except RuntimeError:  # e.g. the consumer's event loop is closed: nobody is listening any more
-            req.cancelled = True
+            req.cancel()
 
-    def _finish(self, req: Request, reason: str, error: str | None = None):
+    def _finish(self, req: Request, reason: str, error: str | None = None, last: list[int] | None = None):
         req.finished_at = time.perf_counter()
         req.finished = True
         if req in self._active:
@@ -528,7 +510,7 @@ class Engine:
             self._waiting.remove(req)
         with self._cv:
             self.stats["finish_reasons"][reason] += 1
-        self._send(req, req.text[req.sent:], reason, error)
+        self._emit(req, TokenDelta(last or [], reason, len(req.prompt), len(req.output), error))
 
 
 def _shutdown_at_exit(ref):

@@ -55,3 +55,22 @@ def test_serve_bench_tiny_without_http(project_tokenizer, tmp_path):
     assert result["greedy_agreement_tokens"] == 6  # all 6 (--max-tokens); exact logit parity is test_checkpoint's
     assert result["decode_floor_ms_per_token"] > 0 and result["linear_weights_mb"] > 0
     assert "engine c=2 / best hf sequential" in result["ratios"]
+
+
+def test_prefix_cache_bench_tiny(tmp_path):
+    """The prefix-cache benchmark as a user runs it, on the tiny preset: with the cache on, the chats that share
+    a system prompt prefill only what follows it (its whole blocks come from the cache)."""
+    import subprocess
+    import sys
+    out = tmp_path / "prefix.json"
+    subprocess.run([sys.executable, "bench/bench_prefix_cache.py", "--preset", "tiny", "--concurrency", "1", "3",
+                    "--system-tokens", "0", "128", "--new-tokens", "4", "--rounds", "1", "--out", str(out)],
+                   cwd=REPO, check=True, timeout=240)
+    rows = {(r["system_tokens"], r["concurrency"], r["prefix_cache"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 8
+    for (system, c, cache), r in rows.items():
+        if cache == "on":
+            off = rows[system, c, "off"]
+            reused = r["shared_prefix"] // 16 * 16
+            assert r["prefill_positions"] <= off["prefill_positions"] - c * reused
+    assert rows[128, 3, "on"]["shared_prefix"] > 128

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,6 +147,51 @@ def test_a_long_prompt_does_not_stall_running_decodes(tiny_ckpt):
 
 
 @pytest.mark.timeout(60)
+def test_prefix_cache_reuses_a_shared_system_prompt(tiny_ckpt, engine, tmp_path, random_adapter):
+    """Chats sharing a long system prompt: the later ones copy its K/V (whole 16-token blocks) instead of
+    prefilling it, and decode exactly what an engine without prefix caching decodes. Keys depend on every
+    token before a block and on the adapter; an evicted block is simply recomputed."""
+    tok = engine.tokenizer
+    system = "你是一个乐于助人的诗人，回答时用简短的句子，并且总是礼貌地回应每一个问题。" * 3
+    questions = ["你好", "写一首关于春天的诗", "What is 2 + 2?"]
+    chats = [tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                     tokenize=True) for q in questions]
+    shared = next(i for i, ids in enumerate(zip(*chats)) if len(set(ids)) > 1)  # tokens all three share
+    assert shared > 64
+    plain = load_engine(tiny_ckpt, EngineConfig(max_batch=2, max_len=256, prefix_cache_tokens=0), dtype="float64")
+    cached = load_engine(tiny_ckpt, EngineConfig(max_batch=2, max_len=256), dtype="float64")
+    small = load_engine(tiny_ckpt, EngineConfig(max_batch=2, max_len=256, prefix_cache_tokens=32),
+                        dtype="float64")
+    try:
+        assert plain.snapshot()["prefix_cache"] is None
+        want = [plain.generate(c, SamplingParams.greedy(12), ignore_eos=True).token_ids for c in chats]
+        got, hits = [], []
+        for c in chats:
+            got.append(cached.generate(c, SamplingParams.greedy(12), ignore_eos=True).token_ids)
+            hits.append(cached.snapshot()["prefix_cache"]["hit_tokens"])
+        assert got == want
+        # The first chat found nothing; each later one found the shared prefix's whole blocks.
+        assert hits[0] == 0 and hits[1] == hits[2] - hits[1] == shared // 16 * 16
+        # The same prompt again: everything but the last token's block comes from the cache.
+        before = cached.snapshot()
+        assert cached.generate(chats[0], SamplingParams.greedy(12), ignore_eos=True).token_ids == want[0]
+        after = cached.snapshot()
+        assert after["prefix_cache"]["hit_tokens"] - before["prefix_cache"]["hit_tokens"] == (len(chats[0]) - 1) // 16 * 16
+        assert after["prefill_positions"] - before["prefill_positions"] == len(chats[0]) - (len(chats[0]) - 1) // 16 * 16
+        # An adapter changes every K/V: its first request reuses none of the base model's blocks.
+        adapter, _ = random_adapter(tiny_ckpt, tmp_path / "a", 1, 4, ("q_proj", "v_proj"), std=0.5)
+        cached.generate(chats[0], SamplingParams.greedy(2), ignore_eos=True, adapter=str(adapter))
+        assert cached.snapshot()["prefix_cache"]["hit_tokens"] == after["prefix_cache"]["hit_tokens"]
+        # Room for two blocks: older ones are evicted, and the answers stay right.
+        assert [small.generate(c, SamplingParams.greedy(12), ignore_eos=True).token_ids for c in chats] == want
+        stats = small.snapshot()["prefix_cache"]
+        assert stats["tokens"] == 32 and stats["evicted_blocks"] > 0
+    finally:
+        for eng in (plain, cached, small):
+            eng.shutdown()
+
+
+@pytest.mark.timeout(60)
 def test_no_cache_mode_matches_cache(tiny_ckpt, engine):
     recompute = load_engine(tiny_ckpt, EngineConfig(max_batch=4, kv_cache=False), dtype="float64")
     try:
@@ -165,10 +211,18 @@ def test_stop_strings_stop_ids_and_lengths(engine):
     # A stop string from the middle of the text: the output ends right before it, and no streamed piece leaks it.
     stop = full.text[len(full.text) // 2:][:3]
     cut = full.text.index(stop)
-    deltas = list(engine.stream_sync(prompt, SamplingParams.greedy(30), stop=[stop, "never-appears"],
+    before = engine.snapshot()
+    deltas = list(engine.stream_sync(prompt, SamplingParams.greedy(200), stop=[stop, "never-appears"],
                                      ignore_eos=True))
     assert "".join(d.text for d in deltas) == full.text[:cut]
     assert deltas[-1].finish_reason == "stop"
+    # The front end found it and cancelled the core request: it did not decode on to max_tokens (200).
+    deadline = time.monotonic() + 10
+    while (after := engine.snapshot())["active"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert after["finish_reasons"]["stop"] == before["finish_reasons"].get("stop", 0) + 1
+    assert deltas[-1].completion_tokens < 30 and after["decoded_tokens"] - before["decoded_tokens"] < 200
     # A stop id ends the output before that token; it is not returned.
     params = SamplingParams.greedy(30, stop_ids=[full.token_ids[5]])
     out = engine.generate(prompt, params, ignore_eos=True)
@@ -179,6 +233,30 @@ def test_stop_strings_stop_ids_and_lengths(engine):
         engine.generate(prompt, SamplingParams.greedy(engine.context_len))
     with pytest.raises(ValueError, match="empty"):
         engine.generate([], SamplingParams.greedy(3))
+
+
+@pytest.mark.timeout(60)
+def test_the_engine_core_needs_no_tokenizer(engine):
+    """The core schedules and samples token ids only: built without a tokenizer, it emits the same greedy ids
+    as the in-process front end, as TokenDeltas of one id each, the last one finished."""
+    from serve.engine import Engine
+    core = Engine(engine.model, tokenizer=None, config=EngineConfig(max_batch=2, max_len=256), eos_ids=[])
+    try:
+        prompt = prompts(engine, 1)[0]
+        got, done = [], threading.Event()
+
+        def emit(delta):
+            got.append(delta)
+            if delta.finish_reason is not None:
+                done.set()
+        core.submit(prompt, SamplingParams.greedy(10), emit)
+        assert done.wait(30)
+    finally:
+        core.shutdown()
+    assert all(len(d.token_ids) == 1 and not hasattr(d, "text") for d in got)
+    assert [t for d in got for t in d.token_ids] == engine.generate(prompt, SamplingParams.greedy(10),
+                                                                   ignore_eos=True).token_ids
+    assert got[-1].finish_reason == "length" and got[-1].completion_tokens == 10
 
 
 @pytest.mark.timeout(60)

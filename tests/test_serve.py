@@ -624,6 +624,45 @@ def test_the_shipped_float32_and_bfloat16_serve_over_http(server, dtype, reasoni
     assert len(_engine_processes()) == engines_before
 
 
+@pytest.mark.timeout(240)
+def test_two_replicas_behind_one_ingress_both_serve(server):
+    """num_replicas=2: one route, two replicas with an engine process each. Concurrent chats reach both (each
+    response names its replica), and each replica answers the memorised question exactly."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    name = "minimind-two-replicas"
+    engines_before = len(_engine_processes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, KEY)
+        app = build_app({"model": str(server.ckpt.dir), "name": MODEL, "dtype": "float64", "max_batch": "2",
+                         "max_len": "256", "api_key_env": KEY_ENV, "num_cpus": "0.5", "num_replicas": "2"})
+    serve.run(app, name=name, route_prefix="/two")
+    try:
+        assert len(_engine_processes()) == engines_before + 2
+
+        async def ask_many(n):
+            async with httpx.AsyncClient(base_url=f"{server.url}/two", headers=AUTH, timeout=120) as http:
+                body = chat_body(messages=[{"role": "user", "content": QUESTION}], max_tokens=64, temperature=0)
+                return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(n)))
+
+        replies = asyncio.run(ask_many(12))
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+        by_replica = {}
+        for r in replies:
+            by_replica.setdefault(r.headers["x-minimind-replica"], []).append(r.json()["choices"][0]["message"])
+        assert len(by_replica) == 2, f"12 concurrent requests reached one replica only: {list(by_replica)}"
+        for messages in by_replica.values():
+            assert all((m["reasoning_content"], m["content"]) == (REASONING, ANSWER) for m in messages)
+    finally:
+        serve.delete(name)
+        deadline = time.monotonic() + 30  # the last test below expects the module's one engine only
+        while len(_engine_processes()) > engines_before and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert len(_engine_processes()) == engines_before
+
+
 # --------------------------------------------------------------------------- last: it kills the engine process
 
 @pytest.mark.timeout(120)
