@@ -82,3 +82,60 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     loss = _reduce(alpha * ce + (1 - alpha) * temperature ** 2 * kl, count, reduction)
     per_token = count.clamp_min(1e-8)
     return loss, {"ce": (ce / per_token).detach(), "kl": (kl / per_token).detach()}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages (Shao et al. 2024): each completion's reward standardised within the group of
+    `group_size` completions of the same prompt, A = (r - mean) / (std + eps). rewards: (N,) with the groups
+    consecutive; returns (N,). A group whose rewards are all equal teaches nothing: its advantages are 0."""
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (N,) with N a multiple of group_size {group_size}, got "
+                         f"{tuple(rewards.shape)}")
+    groups = rewards.float().view(-1, group_size)
+    std = groups.std(dim=1, keepdim=True, unbiased=False) if group_size > 1 else torch.zeros_like(groups[:, :1])
+    return ((groups - groups.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.0,
+                loss_type: str = "grpo", reduction: str = "mean"):
+    """The policy-gradient loss of GRPO or CISPO on completion tokens, averaged over tokens (not sequences).
+
+    logprobs: (B, T) log pi(token) under the policy being trained (with grad); old_logprobs: the same under
+    the weights that sampled the completion (the rollout's); ref_logprobs: under the frozen reference;
+    advantages: (B,) one per completion; mask: (B, T) 1 on completion tokens.
+
+      ratio  = exp(logp - old_logp)
+      grpo:  per-token -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)            (PPO's clipped surrogate)
+      cispo: per-token -stopgrad(min(ratio, 1 + eps)) * A * logp   (MiniMax-M1: the importance weight is clipped
+             instead of the update, so every token keeps a gradient)
+      + kl_coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1  (Schulman's unbiased, non-negative estimator of
+        KL(pi || ref))
+    "sum" adds the per-token terms over the mask (the loop divides by the step's token count), "mean" divides
+    by the mask's sum. Returns (loss, metrics): kl, clip fraction (tokens whose ratio is outside the clip
+    range for grpo, capped for cispo), mean ratio, all per token.
+    """
+    if loss_type not in ("grpo", "cispo"):
+        raise ValueError(f"loss_type must be 'grpo' or 'cispo', got {loss_type!r}")
+    mask = mask.to(torch.float32)
+    logprobs, old_logprobs, ref_logprobs = logprobs.float(), old_logprobs.float(), ref_logprobs.float()
+    adv = advantages.float()[:, None]                                   # (B, 1)
+    ratio = torch.exp(logprobs - old_logprobs)                          # (B, T)
+    if loss_type == "grpo":
+        clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        was_clipped = (ratio - clipped).abs() > 0
+    else:
+        weight = ratio.clamp(max=1 + clip_eps).detach()
+        per_token = -weight * adv * logprobs
+        was_clipped = ratio > 1 + clip_eps
+    log_ref_ratio = ref_logprobs - logprobs
+    k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1                 # (B, T), >= 0
+    per_token = per_token + kl_coef * k3
+    count = mask.sum()
+    loss = _reduce((per_token * mask).sum(), count, reduction)
+    tokens = count.clamp_min(1e-8)
+    metrics = {"kl": ((k3 * mask).sum() / tokens).detach(),
+               "clip_fraction": ((was_clipped.float() * mask).sum() / tokens).detach(),
+               "ratio": ((ratio * mask).sum() / tokens).detach()}
+    return loss, metrics
