@@ -1,4 +1,4 @@
-"""Benchmark the data ingest (cluster/data.py) against MiniMind's way and a bare tokenizer loop.
+"""Benchmark the data ingest (cluster/ingest.py) against MiniMind's way and a bare tokenizer loop.
 
 Rows, side by side in one run on the poetry corpus (pretrain format, rows of --seq-len + 1 tokens), each
 measurement in a fresh Python process:
@@ -15,11 +15,14 @@ measurement in a fresh Python process:
 
 tokens/s counts real (non-pad) tokens. tok/CPU-s divides by the CPU time the measurement used (for Ray: the
 driver and every Ray process), which a busy shared machine disturbs less than wall time; the 16-CPU projection
-uses it. RSS MB: peak RSS of the measuring process (for Ray: the driver). Ray PSS: peak summed PSS of the driver
-and all Ray processes (PSS splits shared object-store pages between the processes mapping them). The load
-average is recorded because the machine is shared.
+uses it. drv CPU-s/Mtok: CPU seconds of the driver process alone (time.process_time) per million tokens, the
+part that does not scale out with the cluster (the tasks write the shards; the driver collects their metadata
+and writes the manifest). RSS MB: peak RSS of the measuring process (for Ray: the driver). Ray PSS: peak summed
+PSS of the driver and all Ray processes (PSS splits shared object-store pages between the processes mapping
+them). The load average is recorded because the machine is shared.
 
-Usage: python bench/bench_ingest.py [--corpus FILE] [--seq-len 512] [--hf-lines 50000] [--cpus 2]
+Usage: python bench/bench_ingest.py [--corpus FILE] [--seq-len 512] [--hf-lines 50000] [--cpus 2] [--ray-only]
+(--ray-only: just the packed Ray ingest rows, on --cpus CPUs and on 1.)
 Writes bench/results/ingest.json.
 """
 from __future__ import annotations
@@ -156,7 +159,7 @@ def ray_ingest(args) -> dict:
     """prepare_dataset into a fresh cache, after a small warm-up run that starts Ray's worker processes."""
     import ray.data
 
-    from cluster.data import DataSpec, prepare_dataset
+    from cluster.ingest import DataSpec, prepare_dataset
     from cluster.runtime import init_ray
     from minimind.tokenizer import Tokenizer
     init_ray(num_cpus=args.cpus)
@@ -175,11 +178,12 @@ def ray_ingest(args) -> dict:
         alias.symlink_to(Path(args.corpus).resolve())
         paths.append(str(alias))
     with TreeMonitor() as mon:
-        start = time.perf_counter()
+        start, driver_cpu = time.perf_counter(), time.process_time()
         prepared = prepare_dataset(DataSpec(tuple(paths), "pretrain", args.seq_len, pack=args.pack), tok, cache)
-        seconds = time.perf_counter() - start
+        seconds, driver_cpu = time.perf_counter() - start, time.process_time() - driver_cpu
     m = prepared.manifest
     result = {"lines": m["records"], "tokens": m["real_tokens"], "seconds": seconds, "cpu_seconds": mon.cpu_seconds,
+              "driver_cpu_seconds": driver_cpu, "shards": len(m["shards"]),
               "rows": m["rows"], "padding_fraction": m["padding_fraction"],
               "peak_rss_mb": mon.driver_rss / 2**20, "cluster_peak_pss_mb": mon.tree_pss / 2**20,
               "path": str(prepared.path)}
@@ -191,7 +195,7 @@ def worker_read(args) -> dict:
     """One training worker's batches (Ray Data iter_torch_batches) over the dataset ray_ingest wrote."""
     import ray.data
 
-    from cluster.data import Prepared, WorkerShard
+    from cluster.shards import Prepared, WorkerShard
     from cluster.runtime import init_ray
     init_ray(num_cpus=args.cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -230,12 +234,46 @@ def run(kind: str, args, **extra) -> dict:
 # ------------------------------------------------------------------------------------------------- main
 
 
+def _add_rates(results: dict) -> None:
+    for r in results.values():
+        r.pop("path", None)  # a temporary directory, gone now
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        if "cpu_seconds" in r:
+            r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_seconds"]
+        if "driver_cpu_seconds" in r:
+            r["driver_cpu_s_per_mtok"] = r["driver_cpu_seconds"] / r["tokens"] * 1e6
+
+
+def _print_table(results: dict) -> None:
+    print(f"\n{'':44s} {'lines':>8s} {'tokens':>11s} {'wall s':>7s} {'tokens/s':>10s} {'tok/CPU-s':>10s} "
+          f"{'padding':>7s} {'RSS MB':>7s} {'Ray PSS':>8s} {'drv CPU-s/Mtok':>14s}")
+    for name, r in results.items():
+        cell = lambda key, fmt: format(r[key], fmt) if key in r else ""  # noqa: E731
+        pad = f"{100 * r['padding_fraction']:.1f}%" if "padding_fraction" in r else ""
+        print(f"{name:44s} {cell('lines', ',d'):>8s} {r['tokens']:>11,d} {r['seconds']:>7.1f} "
+              f"{r['tokens_per_s']:>10,.0f} {cell('tokens_per_cpu_s', ',.0f'):>10s} {pad:>7s} "
+              f"{cell('peak_rss_mb', '.0f'):>7s} {cell('cluster_peak_pss_mb', '.0f'):>8s} "
+              f"{cell('driver_cpu_s_per_mtok', '.3f'):>14s}")
+
+
+def _report(results: dict, args) -> None:
+    """--ray-only: the table and the JSON, no comparison with the baselines."""
+    _add_rates(results)
+    _print_table(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:])
+    Path(args.out).write_text(json.dumps({"results": results, "summary": {"command": command,
+                                                                          "load_average": os.getloadavg()}},
+                                         indent=1) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", default=str(DATA / "poetry" / "poems.train.jsonl.gz"))
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--hf-lines", type=int, default=50_000, help="lines for MiniMind's way (0: all)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    ap.add_argument("--ray-only", action="store_true", help="only the packed Ray ingest, on --cpus CPUs and on 1")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.json"))
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
@@ -249,24 +287,24 @@ def main():
     load_before = os.getloadavg()
     hf_name = f"MiniMind's way ({args.hf_lines:,} lines)" if args.hf_lines else "MiniMind's way"
     ray_name = f"Ray ingest, {args.cpus} CPUs"
-    results = {"bare loop (read + parse + encode)": run("bare", args)}
-    bare = results["bare loop (read + parse + encode)"]
-    results["bare encode only"] = {"lines": bare["lines"], "tokens": bare["tokens"],
-                                   "seconds": bare["encode_seconds"]}
-    results[hf_name] = run("minimind", args)
+    results = {}
+    if not args.ray_only:
+        results["bare loop (read + parse + encode)"] = run("bare", args)
+        bare = results["bare loop (read + parse + encode)"]
+        results["bare encode only"] = {"lines": bare["lines"], "tokens": bare["tokens"],
+                                       "seconds": bare["encode_seconds"]}
+        results[hf_name] = run("minimind", args)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         results[f"{ray_name}, packed"] = run("ray", args, cache=f"{tmp}/packed/cache")
         results["Ray ingest, 1 CPU, packed"] = run("ray", args, cache=f"{tmp}/one/cache", cpus=1)
+        if args.ray_only:
+            _report(results, args)
+            return
         results[f"{ray_name}, --no-pack"] = run("ray", args, cache=f"{tmp}/padded/cache", pack=False)
         results[f"{ray_name}, packed, corpus x2"] = run("ray", args, cache=f"{tmp}/twice/cache", copies=2)
         packed_path = results[f"{ray_name}, packed"]["path"]
         results["worker read (iter_torch_batches, 1 worker)"] = run("read", args, cache=packed_path)
-    for r in results.values():
-        r.pop("path", None)  # a temporary directory, gone now
-    for r in results.values():
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        if "cpu_seconds" in r:
-            r["tokens_per_cpu_s"] = r["tokens"] / r["cpu_seconds"]
+    _add_rates(results)
 
     ray_packed = results[f"{ray_name}, packed"]
     summary = {
@@ -281,14 +319,7 @@ def main():
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:]),
     }
-    print(f"\n{'':44s} {'lines':>8s} {'tokens':>11s} {'wall s':>7s} {'tokens/s':>10s} {'tok/CPU-s':>10s} "
-          f"{'padding':>7s} {'RSS MB':>7s} {'Ray PSS':>8s}")
-    for name, r in results.items():
-        cell = lambda key, fmt: format(r[key], fmt) if key in r else ""  # noqa: E731
-        pad = f"{100 * r['padding_fraction']:.1f}%" if "padding_fraction" in r else ""
-        print(f"{name:44s} {cell('lines', ',d'):>8s} {r['tokens']:>11,d} {r['seconds']:>7.1f} "
-              f"{r['tokens_per_s']:>10,.0f} {cell('tokens_per_cpu_s', ',.0f'):>10s} {pad:>7s} "
-              f"{cell('peak_rss_mb', '.0f'):>7s} {cell('cluster_peak_pss_mb', '.0f'):>8s}")
+    _print_table(results)
     print(f"\nRay ingest: {summary['speedup_vs_minimind']:.1f}x MiniMind's way; "
           f"{summary['ray_wall_vs_bare_loop']:.2f}x the one-process bare loop in wall time "
           f"(1 CPU: {summary['ray_1cpu_wall_vs_bare_loop']:.2f}x) and "

@@ -156,7 +156,7 @@ class PreloadedContext:
 
 
 def run_replica(cfg: TrainConfig, prepared, device: torch.device, warmup: int) -> dict:
-    from cluster.data import iter_local_batches
+    from cluster.shards import iter_local_batches
     from cluster.loop import train
     from stages.pretrain import Pretrain
     batches = list(itertools.islice(iter_local_batches(prepared, cfg.batch_size, seed=cfg.seed, device=device),
@@ -252,7 +252,7 @@ def run_naive(preset: str, seq: int, steps: int, warmup: int, device: torch.devi
 
 
 def bench_one(args, preset: str, seq: int, work: Path, data: Path) -> list[dict]:
-    from cluster.data import prepare_dataset
+    from cluster.ingest import prepare_dataset
     from cluster.launcher import data_spec, resolve_tokenizer
     from stages.pretrain import Pretrain
 

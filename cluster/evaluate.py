@@ -1,6 +1,6 @@
 """The evaluate stage: a checkpoint scored on held-out documents, spread over the Ray cluster.
 
-    records --driver: cluster.data.iter_records, minimind.scoring.parse_record (bad lines -> rejects)-->
+    records --driver: cluster.ingest.iter_records, minimind.scoring.parse_record (bad lines -> rejects)-->
     Ray Data `map_batches` over an actor pool of `EvalWorker`s (one model per actor, a GPU each when the
     cluster has them) --> one row of float64 sums per document --> reduced on the driver.
 
@@ -205,7 +205,7 @@ def run_workers(items: list[dict], kwargs: dict, cfg: EvalConfig) -> list[dict]:
 
 def read_items(paths, parse) -> tuple[list[dict], list[Reject]]:
     """The records of `paths` as worker items, and the lines that cannot be one (bad JSON, a wrong record)."""
-    from cluster.data import iter_records
+    from cluster.ingest import iter_records
     items, rejects = [], []
     for file, line, record in iter_records(paths):
         try:

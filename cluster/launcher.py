@@ -44,7 +44,7 @@ def resolve_tokenizer(cfg: TrainConfig):
 
 
 def data_spec(cfg: TrainConfig, stage, paths=None, **extra):
-    from .data import DataSpec
+    from .ingest import DataSpec
     return DataSpec(paths=tuple(paths or cfg.data), format=stage.data_format, max_seq_len=cfg.max_seq_len,
                     pack=cfg.pack, text_field=cfg.text_field, seed=cfg.seed, **extra)
 
@@ -52,7 +52,7 @@ def data_spec(cfg: TrainConfig, stage, paths=None, **extra):
 def prepare_data(cfg: TrainConfig, stage, tokenizer, cache: str):
     """(train, validation or None) as prepared caches: --val-data is prepared on its own; --val-fraction
     splits --data by document hash at prepare time, so no training row holds a held-out document."""
-    from .data import prepare_dataset, prepare_splits
+    from .ingest import prepare_dataset, prepare_splits
     if cfg.val_fraction:
         return prepare_splits(data_spec(cfg, stage, val_fraction=cfg.val_fraction), tokenizer, cache)
     train = prepare_dataset(data_spec(cfg, stage), tokenizer, cache)
@@ -101,7 +101,7 @@ class RayContext:
 
         import ray.data
 
-        from .data import quiet_ray_data
+        from .ingest import quiet_ray_data
         quiet_ray_data(ray.data.DataContext.get_current())  # per-epoch bars and "Starting execution" lines
         try:  # a "Reporting training result N: TrainingReport(...)" line per report; the progress line says it
             from ray.train.v2._internal.execution import context as train_context
@@ -127,14 +127,14 @@ class RayContext:
         return self.val is not None
 
     def val_batches(self):
-        from .data import iter_eval_batches
+        from .shards import iter_eval_batches
         return iter_eval_batches(self.val, self.cfg.batch_size, self.rank, self.world_size, self.device)
 
     def char_counts(self):
         return torch.from_numpy(self.tokenizer.token_char_counts()).to(self.device)
 
     def batches(self, start_micro_batch: int):
-        from .data import iter_train_batches
+        from .shards import iter_train_batches
         return iter_train_batches(self.cfg.batch_size, epochs=self.cfg.epochs, seed=self.cfg.seed,
                                   skip_batches=start_micro_batch, device=self.device)
 
@@ -273,7 +273,7 @@ def launch(cfg: TrainConfig, stage, callbacks=None) -> Path:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from .data import steps_per_epoch, train_datasets
+    from .shards import steps_per_epoch, train_datasets
     from .loop import total_steps
 
     from .publish import follow_latest

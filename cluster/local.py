@@ -17,7 +17,7 @@ class LocalContext:
     rank, world_size, local_rank = 0, 1, 0
 
     def __init__(self, cfg: TrainConfig, prepared, tokenizer, device: str = "auto", val=None):
-        from .data import steps_per_epoch
+        from .shards import steps_per_epoch
         self.cfg, self.prepared, self.tokenizer, self.val = cfg, prepared, tokenizer, val
         use_gpu = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
         self.device = torch.device("cuda" if use_gpu else "cpu") if device == "auto" else torch.device(device)
@@ -40,7 +40,7 @@ class LocalContext:
         return self.val is not None
 
     def val_batches(self):
-        from .data import iter_eval_batches
+        from .shards import iter_eval_batches
         return iter_eval_batches(self.val, self.cfg.batch_size, 0, 1, self.device)
 
     def char_counts(self):
@@ -50,7 +50,7 @@ class LocalContext:
         return min(self.scores, key=self.scores.get) if self.scores else None
 
     def batches(self, start_micro_batch: int):
-        from .data import iter_local_batches
+        from .shards import iter_local_batches
         return iter_local_batches(self.prepared, self.cfg.batch_size, epochs=self.cfg.epochs, seed=self.cfg.seed,
                                   skip_batches=start_micro_batch, device=self.device)
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import zipfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from cluster.data import filesystem_of
+from cluster.storage import filesystem_of, write_atomic
 from minimind.checkpoint import check_safetensors
 
 POINTER = "latest"
@@ -94,17 +93,8 @@ def publish_latest(run_dir, checkpoint, step: int | None = None, filesystem=None
         with fs.open_input_file(f"{ckpt}/trainer_state.json") as f:
             step = json.loads(f.read())["step"]
     location = str(checkpoint) if "://" in str(checkpoint) else ckpt
-    body = json.dumps({"path": location, "step": step}).encode()
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = Path(root) / f".{POINTER}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, Path(root) / POINTER)  # readers see the old pointer or the new one, never a mix
-    else:
-        with fs.open_output_stream(f"{root}/{POINTER}") as f:  # one PUT: visible whole or not at all
-            f.write(body)
+    # Readers see the old pointer or the new one, never a mix.
+    write_atomic(f"{root}/{POINTER}", json.dumps({"path": location, "step": step}), fs)
 
 
 def read_latest(run_dir) -> dict | None:

@@ -2,8 +2,9 @@
 
 The on-disk format is the one MiniMind ships (``tokenizer.json`` + ``tokenizer_config.json``), so a directory
 written by :meth:`Tokenizer.save` also loads with ``transformers.AutoTokenizer.from_pretrained``. This module
-deliberately depends only on ``tokenizers`` and ``jinja2`` (no transformers, no ray) so that every Ray worker
-can import it cheaply; a :class:`Tokenizer` pickles through its JSON text.
+deliberately depends only on ``tokenizers``, ``jinja2`` and (through :mod:`minimind.sources`, to read inputs)
+``pyarrow``: no transformers, no ray, so that every Ray worker can import it cheaply; a :class:`Tokenizer`
+pickles through its JSON text.
 
 :func:`train_tokenizer` keeps peak memory bounded. The BPE trainer's memory grows with the total length of the
 distinct pre-tokenized words it sees (about 250-300 bytes per distinct Han character, measured), and the ByteLevel
@@ -16,8 +17,6 @@ length and lets repeated pieces share memory. See bench/bench_tokenizer_train.py
 
 from __future__ import annotations
 
-import glob
-import gzip
 import hashlib
 import heapq
 import json
@@ -34,6 +33,8 @@ import jinja2.sandbox
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .sources import iter_lines
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 in this order
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1], SPECIAL_TOKENS[2]
@@ -458,47 +459,22 @@ def _byte_alphabet() -> dict[int, str]:
 # ------------------------------------------------------------------------------------------------- corpus input
 
 
-def _expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.name.endswith((".jsonl", ".jsonl.gz")))
-            if not found:
-                raise FileNotFoundError(f"no .jsonl or .jsonl.gz files in directory {p}")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        elif glob.has_magic(str(p)):
-            found = sorted(Path(q) for q in glob.glob(str(p)) if Path(q).is_file())
-            if not found:
-                raise FileNotFoundError(f"no files match {p}")
-            files.extend(found)
-        else:
-            raise FileNotFoundError(f"no such file or directory: {p}")
-    return files
-
-
 def iter_jsonl_texts(paths: str | os.PathLike | Iterable[str | os.PathLike], text_field: str = "text"
                      ) -> Iterator[str]:
-    """Stream texts from .jsonl / .jsonl.gz files (each path a file, a directory or a glob).
+    """Stream texts from .jsonl / .jsonl.gz files (each path a file, a directory, a glob or a URI; see
+    :func:`minimind.sources.resolve_inputs`).
 
     A record gives ``record[text_field]``; a ``{"conversations": [{"role", "content"}, ...]}`` record gives its
     contents joined by newlines. Blank lines are skipped; anything else raises ValueError naming file and line.
+    A path that names no file raises :class:`minimind.sources.MissingInput` (a FileNotFoundError).
     """
-    for path in _expand_paths(paths):
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            lineno = 0
-            try:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    yield _record_text(json.loads(line), text_field)
-            except (json.JSONDecodeError, UnicodeDecodeError, ValueError, gzip.BadGzipFile, EOFError) as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from e
+    for uri, lineno, raw in iter_lines(paths):
+        if not raw.strip():
+            continue
+        try:
+            yield _record_text(json.loads(raw), text_field)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{uri}:{lineno}: {e}") from e
 
 
 def _record_text(record: Any, text_field: str) -> str:

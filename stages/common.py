@@ -62,7 +62,7 @@ def causal_lm_loss(model, batch):
 
 class Stage:
     name = "pretrain"
-    data_format = "pretrain"   # pretrain | chat | reason | dpo (see cluster.data)
+    data_format = "pretrain"   # pretrain | chat | reason | dpo (see cluster.ingest)
     config_cls = TrainConfig
 
     def build_model(self, cfg) -> MiniMind:

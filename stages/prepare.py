@@ -51,7 +51,7 @@ def stage_defaults(stage: str):
 
 def data_spec(cfg: PrepareConfig):
     """The DataSpec the chosen stage builds from the same flags, so both name the same cache."""
-    from cluster.data import DataSpec
+    from cluster.ingest import DataSpec
     if not cfg.data:
         raise ValueError("--data names no input")
     return DataSpec(paths=cfg.data, format=STAGE_FORMATS[cfg.stage],
@@ -64,7 +64,7 @@ def main(argv=None):
     cfg = parse_config(PrepareConfig, argv, description=__doc__.split("\n")[0], prog="stages/prepare.py")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        from cluster.data import prepare_dataset, prepare_splits
+        from cluster.ingest import prepare_dataset, prepare_splits
         from cluster.launcher import resolve_tokenizer
         spec = data_spec(cfg)
         tokenizer, source = resolve_tokenizer(cfg)

@@ -1,4 +1,5 @@
-"""cluster.data: input resolution, rejects, the Parquet cache, and what each Ray Train worker reads.
+"""cluster.ingest, cluster.shards, minimind.sources: input resolution, rejects, the Parquet cache (written by
+parallel tasks, committed atomically), and what each Ray Train worker reads.
 
 Tests that tokenise use the session's local Ray cluster (`ray_cluster`); the rest run without Ray.
 """
@@ -13,10 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import cluster.data as data
+import cluster.ingest as ingest
+import cluster.shards as shards
 from cluster.config import BUNDLED_DATA
-from cluster.data import (DataSpec, iter_local_batches, iter_records, plan_epoch, prepare_dataset,
-                          resolve_paths, steps_per_epoch)
+from cluster.ingest import DataSpec, iter_records, prepare_dataset
+from cluster.shards import iter_local_batches, plan_epoch, steps_per_epoch
+from minimind.sources import resolve_inputs, resolve_paths
 from minimind.tokenizer import Tokenizer
 
 BUNDLED = BUNDLED_DATA
@@ -139,7 +142,7 @@ def test_bad_lines_go_to_the_rejects_file_and_too_many_stop_the_job(ray_cluster,
     lines = good[:100] + bad[:2] + good[100:200] + bad[2:] + good[200:]
     path = write_lines(tmp_path / "in.jsonl", lines)
     spec = DataSpec((str(path),), "pretrain", 32, reject_threshold=0.02)
-    with caplog.at_level(logging.WARNING, logger="cluster.data"):
+    with caplog.at_level(logging.WARNING, logger="cluster.ingest"):
         p = prepare_dataset(spec, tok, tmp_path / "cache")
     assert p.manifest["records"] == 300 and p.manifest["rejects"] == 5
     assert "5 records rejected" in caplog.text
@@ -151,7 +154,7 @@ def test_bad_lines_go_to_the_rejects_file_and_too_many_stop_the_job(ray_cluster,
     # The cache remembers the threshold it was accepted under: a stage at its default (1%) reuses it, warned.
     assert p.manifest["reject_threshold"] == 0.02
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cluster.data"):
+    with caplog.at_level(logging.WARNING, logger="cluster.ingest"):
         again = prepare_dataset(DataSpec((str(path),), "pretrain", 32), tok, tmp_path / "cache")
     assert again.path == p.path and "but was accepted at 2.00% when it was prepared" in caplog.text
     # Over the threshold: a clear error, on a fresh run (which leaves no cache) and from a cache accepted lower.
@@ -182,8 +185,8 @@ def test_cache_is_reused_for_the_same_inputs(ray_cluster, tok, tmp_path, caplog,
 
     def no_tokenising(*args, **kwargs):
         raise AssertionError("tokenised again")
-    monkeypatch.setattr(data, "_tokenise", no_tokenising)
-    with caplog.at_level(logging.INFO, logger="cluster.data"):
+    monkeypatch.setattr(ingest, "_tokenise", no_tokenising)
+    with caplog.at_level(logging.INFO, logger="cluster.ingest"):
         again = prepare_dataset(DataSpec((str(path),), "pretrain", 16, seed=5), tok, tmp_path / "cache")
     assert again.path == first.path and "reusing cache" in caplog.text
     monkeypatch.undo()
@@ -192,9 +195,9 @@ def test_cache_is_reused_for_the_same_inputs(ray_cluster, tok, tmp_path, caplog,
         f.write(json.dumps({"text": "one more"}).encode() + b"\n")
     changed = prepare_dataset(DataSpec((str(path),), "pretrain", 16), tok, tmp_path / "cache")
     assert changed.path != first.path and changed.manifest["records"] == 51
-    assert data.cache_key(DataSpec((str(path),), "pretrain", 16), [], tok) != \
-        data.cache_key(DataSpec((str(path),), "pretrain", 17), [], tok) != \
-        data.cache_key(DataSpec((str(path),), "pretrain", 17, pack=False), [], tok)
+    assert ingest.cache_key(DataSpec((str(path),), "pretrain", 16), [], tok) != \
+        ingest.cache_key(DataSpec((str(path),), "pretrain", 17), [], tok) != \
+        ingest.cache_key(DataSpec((str(path),), "pretrain", 17, pack=False), [], tok)
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -233,13 +236,13 @@ def _run_trainer(storage: Path, name: str, prepared, out: Path, epochs: int, bat
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.data import train_datasets
+    from cluster.shards import train_datasets
 
     def train_fn(config):
         # Defined here so Ray ships it by value: the workers cannot import the test module.
         import json as json_
         import ray.train
-        from cluster.data import iter_train_batches
+        from cluster.shards import iter_train_batches
         rank = ray.train.get_context().get_world_rank()
         seen = []
         for b in iter_train_batches(config["batch"], epochs=config["epochs"], seed=3, skip_batches=config["skip"]):
@@ -297,11 +300,11 @@ def test_symlink_loops_and_aliases_read_each_file_once(tmp_path, caplog):
     real = str(tmp_path / "loop" / "d" / "x.jsonl")
     for pattern in ("loop/*/x.jsonl", "loop/**/x.jsonl"):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="cluster.data"):
+        with caplog.at_level(logging.WARNING, logger="minimind.sources"):
             assert [f[0] for f in resolve_paths([f"{tmp_path}/{pattern}"])] == [real]
         assert f"symlink loop: {tmp_path}/loop/d/up leads back to {tmp_path}/loop" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cluster.data"):
+    with caplog.at_level(logging.WARNING, logger="minimind.sources"):
         got = resolve_paths([str(tmp_path / "loop" / "alias.jsonl"), real, f"{tmp_path}/loop/d/*.jsonl"])
     assert [f[0] for f in got] == [str(tmp_path / "loop" / "alias.jsonl")]
     assert f"{real} is {tmp_path}/loop/alias.jsonl" in caplog.text
@@ -312,8 +315,8 @@ def test_a_directory_names_what_it_skipped(tmp_path, caplog):
     for name in ("a.jsonl", "b.json", "notes.txt", "c.jsonl.gz.part", "sub/d.jsonl"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="cluster.data"):
-        files, skipped = data.resolve_inputs([str(tmp_path)])
+    with caplog.at_level(logging.WARNING, logger="minimind.sources"):
+        files, skipped = resolve_inputs([str(tmp_path)])
     assert [f[0] for f in files] == [str(tmp_path / "a.jsonl")]
     assert skipped == [f"{tmp_path}/{n}" for n in ("b.json", "c.jsonl.gz.part", "notes.txt", "sub/")]
     assert "skipped 4 entries that are not .jsonl or .jsonl.gz" in caplog.text and "notes.txt" in caplog.text
@@ -350,7 +353,7 @@ def test_prepare_defaults_meet_the_stages_cache(tok, tmp_path):
         theirs = stage_spec(type(defaults)(data=(str(path),)), __import__("types").SimpleNamespace(
             data_format=STAGE_FORMATS[stage]))
         assert ours.max_seq_len == defaults.max_seq_len, stage
-        assert data.cache_key(ours, files, tok) == data.cache_key(theirs, files, tok), stage
+        assert ingest.cache_key(ours, files, tok) == ingest.cache_key(theirs, files, tok), stage
     assert data_spec(PrepareConfig(stage="pretrain", data=(str(path),))).max_seq_len == 256
     assert data_spec(PrepareConfig(stage="dpo", data=(str(path),), max_seq_len=64)).max_seq_len == 64
 
@@ -378,7 +381,7 @@ def _row_text(tok, text: str) -> str:
 
 
 def iter_data_rows(prepared):
-    for batch in data.iter_eval_batches(prepared, batch_size=64):
+    for batch in shards.iter_eval_batches(prepared, batch_size=64):
         for i in range(len(batch["row_id"])):
             yield {k: v[i] for k, v in batch.items()}
 
@@ -391,7 +394,7 @@ def test_validation_split_is_disjoint_complete_and_stable(ray_cluster, tok, tmp_
     texts = [json.loads(line)["text"] for line in raw]
     longest = max(len(tok.encode(t)) for t in texts) + 2
     spec = DataSpec((str(corpus),), "pretrain", longest, pack=False, val_fraction=0.2)
-    train, val = data.prepare_splits(spec, tok, tmp_path / "a")
+    train, val = ingest.prepare_splits(spec, tok, tmp_path / "a")
     assert train.path != val.path and (train.manifest["split"], val.manifest["split"]) == ("train", "val")
     assert train.manifest["records"] + val.manifest["records"] == len(raw)
     assert train.manifest["held_out"] == val.manifest["records"] and val.manifest["held_out"] == len(raw) - \
@@ -404,21 +407,21 @@ def test_validation_split_is_disjoint_complete_and_stable(ray_cluster, tok, tmp_
     assert sorted(train_docs + val_docs) == sorted(_row_text(tok, t) for t in texts)
     assert not set(val_docs) & set(train_docs)
     # A second run elsewhere, with another seed: the same split, byte for byte.
-    train2, val2 = data.prepare_splits(DataSpec((str(corpus),), "pretrain", longest, pack=False,
+    train2, val2 = ingest.prepare_splits(DataSpec((str(corpus),), "pretrain", longest, pack=False,
                                                 val_fraction=0.2, seed=7), tok, tmp_path / "b")
     assert (train2.path.name, val2.path.name) == (train.path.name, val.path.name)
     assert sorted(_decoded_docs(tok, val2)) == sorted(_row_text(tok, t) for t in want_val)
     # Packed: the two caches hold exactly the documents' tokens plus one separator each, nothing shared.
-    ptrain, pval = data.prepare_splits(DataSpec((str(corpus),), "pretrain", 64, val_fraction=0.2), tok,
+    ptrain, pval = ingest.prepare_splits(DataSpec((str(corpus),), "pretrain", 64, val_fraction=0.2), tok,
                                        tmp_path / "a")
     assert ptrain.manifest["real_tokens"] + pval.manifest["real_tokens"] == sum(len(tok.encode(t)) + 1
                                                                                 for t in texts)
     assert pval.manifest["real_tokens"] == sum(len(tok.encode(t)) + 1 for t in want_val)
     # The whole-data cache keeps the key it had before splits existed (val_fraction is ignored there).
-    assert data.cache_key(DataSpec((str(corpus),), "pretrain", 64, val_fraction=0.2), [], tok) == \
-        data.cache_key(DataSpec((str(corpus),), "pretrain", 64), [], tok)
+    assert ingest.cache_key(DataSpec((str(corpus),), "pretrain", 64, val_fraction=0.2), [], tok) == \
+        ingest.cache_key(DataSpec((str(corpus),), "pretrain", 64), [], tok)
     with pytest.raises(ValueError, match="is empty: val_fraction 1e-09"):
-        data.prepare_splits(DataSpec((str(corpus),), "pretrain", 64, val_fraction=1e-9), tok, tmp_path / "a")
+        ingest.prepare_splits(DataSpec((str(corpus),), "pretrain", 64, val_fraction=1e-9), tok, tmp_path / "a")
     with pytest.raises(ValueError, match="needs a val_fraction above 0"):
         DataSpec((str(corpus),), "pretrain", 64, split="val")
 
@@ -428,7 +431,7 @@ def test_validation_split_is_disjoint_complete_and_stable(ray_cluster, tok, tmp_
         for world, batch in ((1, 7), (2, 4), (3, 5), (n + 2, 3)):
             seen, counts = [], []
             for rank in range(world):
-                batches = list(data.iter_eval_batches(prepared, batch, rank, world))
+                batches = list(shards.iter_eval_batches(prepared, batch, rank, world))
                 rows = [int(r) for b in batches for r in b["row_id"]]
                 assert all(len(b["row_id"]) == batch for b in batches[:-1])
                 assert all(b["input_ids"].shape[1] == prepared.manifest["row_len"] for b in batches)
@@ -470,3 +473,106 @@ def test_prepare_script_writes_the_cache_the_stage_then_reads(ray_cluster, proje
     assert [str(train.path), str(val.path)] == [p["path"] for p in printed]
     assert {p: (Path(p) / "manifest.json").stat().st_mtime_ns for p in manifests} == manifests  # read, not rewritten
     assert (train.manifest["records"], val.manifest["records"]) == (printed[0]["records"], printed[1]["records"])
+
+
+# --------------------------------------------------------------- shards written by the tasks (issue 14)
+
+
+def _cache_files(prepared) -> dict[str, bytes]:
+    return {Path(f).name: Path(f).read_bytes() for f in prepared.shard_files}
+
+
+@pytest.mark.timeout(120)
+def test_two_prepares_give_identical_shards_manifests_and_plans(ray_cluster, tok, poems, tmp_path):
+    """Many blocks of two files, tokenised and written by parallel tasks that finish in any order: the same
+    shard bytes, the same manifest shards list and the same epoch plans, and row ids unique over the cache."""
+    second = tmp_path / "more.jsonl"
+    lines = gzip.decompress((poems / "poems.jsonl.gz").read_bytes()).splitlines()
+    write_lines(second, lines[::-1])  # another file: the same poems in the other order
+    spec = DataSpec((str(poems / "poems.jsonl.gz"), str(second)), "pretrain", 32)
+    a = prepare_dataset(spec, tok, tmp_path / "a", rows_per_shard=40, block_bytes=16 << 10)
+    b = prepare_dataset(spec, tok, tmp_path / "b", rows_per_shard=40, block_bytes=16 << 10)
+    shards_a = a.manifest["shards"]
+    assert len({s["file"].split("-")[2] for s in shards_a}) > 4 and {s["file"].split("-")[1] for s in shards_a} == \
+        {"00000", "00001"}  # several blocks of each file
+    assert shards_a == b.manifest["shards"] == sorted(shards_a, key=lambda s: s["file"])
+    assert all(s["rows"] <= 40 for s in shards_a) and sum(s["rows"] for s in shards_a) == a.num_rows
+    assert _cache_files(a) == _cache_files(b)
+    assert all(len(body) == s["bytes"] for s, body in zip(shards_a, _cache_files(a).values()))
+    assert "row_id" not in pq.read_schema(a.shard_files[0]).names  # computed when reading
+    for epoch, rank in ((0, 0), (1, 1)):
+        assert plan_epoch(a.shard_rows, 3, epoch, rank, 2, 8) == plan_epoch(b.shard_rows, 3, epoch, rank, 2, 8)
+    batches = [[x["row_id"].tolist() for x in iter_local_batches(p, 8, seed=3)] for p in (a, b)]
+    assert batches[0] == batches[1]
+    rows = [int(r) for x in shards.iter_eval_batches(a, 64) for r in x["row_id"]]
+    assert rows == list(range(a.num_rows))
+
+
+def _no_trusted_cache(cache: Path) -> bool:
+    made = [d for d in cache.iterdir() if d.is_dir()] if cache.is_dir() else []
+    return all(shards.Prepared.read(d) is None or not shards.Prepared.read(d).trusted() for d in made) and \
+        not [d for d in made if ".tmp-" in d.name]
+
+
+@pytest.mark.timeout(180)
+def test_a_failed_prepare_leaves_no_cache_a_later_run_trusts(ray_cluster, tok, poems, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    # 1. A truncated .gz: the shards earlier blocks wrote go with the staging directory.
+    lines = [json.dumps({"text": f"第{i}首 " + "床前明月光，" * (i % 50)}).encode() for i in range(20_000)]
+    packed = gzip.compress(b"\n".join(lines) + b"\n")
+    src = tmp_path / "in" / "poems.jsonl.gz"
+    src.parent.mkdir()
+    src.write_bytes(packed[:len(packed) * 2 // 3])
+    with pytest.raises(ValueError, match="Truncated compressed stream"):
+        prepare_dataset(DataSpec((str(src),), "pretrain", 32), tok, cache, block_bytes=64 << 10)
+    assert _no_trusted_cache(cache)
+    src.write_bytes(packed)
+    good = prepare_dataset(DataSpec((str(src),), "pretrain", 32), tok, cache, block_bytes=64 << 10)
+    assert good.trusted() and good.manifest["records"] == 20_000 and len(good.shard_files) > 1
+
+    # 2. Too many rejects: nothing kept; the same cache (the threshold is not in its key) made again later.
+    bad = write_lines(tmp_path / "bad.jsonl", [b'{"text": "ok"}'] * 50 + [b'{"title": "x"}'] * 5)
+    with pytest.raises(ValueError, match="were rejected"):
+        prepare_dataset(DataSpec((str(bad),), "pretrain", 16), tok, tmp_path / "rejects")
+    assert _no_trusted_cache(tmp_path / "rejects")
+    accepted = prepare_dataset(DataSpec((str(bad),), "pretrain", 16, reject_threshold=0.2), tok,
+                               tmp_path / "rejects")
+    assert accepted.trusted() and accepted.manifest["rejects"] == 5
+
+    # 3. A shard cut short after a successful prepare: not trusted, never read, made again identically.
+    before = _cache_files(good)
+    victim = Path(good.shard_files[1])
+    victim.write_bytes(victim.read_bytes()[:-10])
+    assert not shards.Prepared.read(good.path).trusted()
+    with pytest.raises(ValueError, match="not a complete prepared dataset"):
+        shards.Prepared.load(good.path)
+    with caplog.at_level(logging.WARNING, logger="cluster.ingest"):
+        again = prepare_dataset(DataSpec((str(src),), "pretrain", 32), tok, cache, block_bytes=64 << 10)
+    assert "is incomplete or damaged" in caplog.text
+    assert again.path == good.path and again.trusted() and _cache_files(again) == before
+    # A missing shard and a missing manifest count the same.
+    Path(again.shard_files[0]).unlink()
+    assert not shards.Prepared.read(again.path).trusted()
+    (Path(again.path) / "manifest.json").unlink()
+    assert shards.Prepared.read(again.path) is None
+    remade = prepare_dataset(DataSpec((str(src),), "pretrain", 32), tok, cache, block_bytes=64 << 10)
+    assert _cache_files(remade) == before
+
+
+@pytest.mark.timeout(120)
+def test_a_cache_under_a_file_uri_works_end_to_end(ray_cluster, tok, poems, tmp_path, caplog):
+    uri = f"file://{tmp_path}/cache"
+    spec = DataSpec((str(poems),), "pretrain", 64)
+    p = prepare_dataset(spec, tok, uri, rows_per_shard=64)
+    assert isinstance(p.path, str) and p.path.startswith(uri) and p.shard_files[0].startswith(f"{uri}/")
+    assert p.trusted() and p.manifest["rejects_file"].startswith(uri)
+    local = prepare_dataset(spec, tok, tmp_path / "local", rows_per_shard=64)
+    assert p.manifest["shards"] == local.manifest["shards"]
+    got = [b["row_id"].tolist() for b in iter_local_batches(p, batch_size=4, seed=1)]
+    assert got == [b["row_id"].tolist() for b in iter_local_batches(local, batch_size=4, seed=1)] and got
+    # Ray Data's read tasks (what a training worker runs) take the URI too.
+    worker = shards.WorkerShard(tuple(p.shard_files), p.shard_rows, seed=1)
+    assert [b["row_id"].tolist() for b in worker.iter_epoch(0, 4, device="cpu")] == got
+    with caplog.at_level(logging.INFO, logger="cluster.ingest"):
+        assert prepare_dataset(spec, tok, uri, rows_per_shard=64).path == p.path
+    assert "reusing cache" in caplog.text

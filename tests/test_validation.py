@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster.config import TrainConfig
-from cluster.data import iter_eval_batches
+from cluster.shards import iter_eval_batches
 from cluster.launcher import launch, prepare_data, resolve_tokenizer
 from minimind.checkpoint import load_model
 from stages.pretrain import Pretrain
@@ -59,7 +59,7 @@ def test_validation_is_exact_and_the_best_checkpoint_is_exported(ray_cluster, tm
 
 
 def test_validation_rows_are_never_trained_on(tmp_path):
-    from cluster.data import iter_local_batches
+    from cluster.shards import iter_local_batches
     cfg = TrainConfig(preset="tiny", out=str(tmp_path / "out"), max_seq_len=64, val_fraction=0.2,
                       cache_dir=str(tmp_path / "cache"))
     tokenizer, _ = resolve_tokenizer(cfg)
