@@ -2,7 +2,8 @@
 prefix cache on and off (EngineConfig.prefix_cache_tokens), in this process.
 
 Each request is a chat through the real template: the same system prompt (the template's default one, or one
-of --system-tokens tokens of real text from the bundled SFT sample) and a different user question. At each
+of --system-tokens tokens of real text from the bundled SFT sample) and a user question no other request of
+the run asks (numbered), so the cache can only reuse the shared system prompt. At each
 concurrency c, c greedy requests (EOS ignored, --new-tokens each) are submitted at once. Both engines are warmed
 with one chat first, so the "on" engine holds the system prompt as a long-running server would. The two
 engines alternate round by round (best round of each by wall time). TTFT, TPOT and tokens/s as in
@@ -72,34 +73,39 @@ def main(argv=None):
     ckpt, tok = random_checkpoint(cfg.preset)
     top = max(cfg.concurrency)
     texts = sample_texts()
-    questions = [t[:60] for t in texts[::2]][: top + 1]  # user turns, cut to a short question
-    if len(questions) < top + 1:
-        raise SystemExit(f"the bundled sample has {len(questions)} questions, fewer than {top + 1}")
+    # User turns cut to a short question, numbered so that no burst repeats a prompt another burst sent: the
+    # "on" engine may reuse only what chats really share (the system prompt), never a whole earlier prompt.
+    base = [t[:60] for t in texts[::2]]
+    fresh = (f"{i}. {base[i % len(base)]}" for i in range(10 ** 6))
     result = {"command": " ".join(["python", "bench/bench_prefix_cache.py", *(argv or sys.argv[1:])]),
               "preset": cfg.preset, "threads": cfg.threads, "new_tokens": cfg.new_tokens,
               "torch": torch.__version__, "rows": []}
     for tokens in cfg.system_tokens:
         system = system_prompt(tok, tokens, texts)
-        prompts = chats(tok, system, questions)
-        shared = next(i for i, ids in enumerate(zip(*prompts)) if len(set(ids)) > 1)
-        max_len = max(map(len, prompts)) + cfg.new_tokens + 8
+        # One list per (round, level, setting) and the warm-up: every burst its own questions.
+        need = 1 + cfg.rounds * len(cfg.concurrency) * 2
+        bursts = [chats(tok, system, [next(fresh) for _ in range(top)]) for _ in range(need)]
+        shared = next(i for i, ids in enumerate(zip(*(b[0] for b in bursts))) if len(set(ids)) > 1)
+        max_len = max(len(p) for b in bursts for p in b) + cfg.new_tokens + 8
         flushes = {s: [] for s in ("off", "on")}
         engines = {s: load_engine(ckpt, EngineConfig(max_batch=top, max_len=max_len,
                                                      prefix_cache_tokens=0 if s == "off" else 8192),
                                   on_flush=lambda f=flushes[s]: f.append(time.perf_counter())) for s in flushes}
         try:
+            warm = bursts.pop()
             for s, engine in engines.items():  # warm-up, and the "on" engine learns the system prompt
-                run_burst(engine, flushes[s], prompts[-1:], 4)
+                run_burst(engine, flushes[s], warm[:1], 4)
             for c in cfg.concurrency:
                 best = {}
                 for _ in range(cfg.rounds):
                     for s, engine in engines.items():
-                        r = run_burst(engine, flushes[s], prompts[:c], cfg.new_tokens)
+                        prompts = bursts.pop()[:c]
+                        r = run_burst(engine, flushes[s], prompts, cfg.new_tokens)
+                        r["prompt_tokens_mean"] = sum(map(len, prompts)) / c
                         if s not in best or r["wall_s"] < best[s]["wall_s"]:
                             best[s] = r
                 for s, r in best.items():
                     result["rows"].append({"system_tokens": tokens, "shared_prefix": shared,
-                                           "prompt_tokens_mean": sum(map(len, prompts[:c])) / c,
                                            "prefix_cache": s, "concurrency": c, **r})
         finally:
             for engine in engines.values():
