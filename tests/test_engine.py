@@ -533,7 +533,8 @@ def test_the_served_dtypes_decode_greedily_in_that_dtype(tiny_ckpt, engine, dtyp
 
 
 def test_packed_linears_compute_the_plain_model(tiny_ckpt):
-    """On the CPU in fp32 the engine's block linears run on oneDNN-packed weights (one row keeps F.linear):
+    """On the CPU in fp32 the engine's block linears run on oneDNN-packed weights (one row: x @ W^T on the
+    transposed weight):
     every one is swapped, logits equal the plain model's to float rounding at 1 and at several rows, and
     greedy decoding is unchanged; packed_linears=False leaves plain nn.Linear."""
     from serve.engine import PackedLinear
