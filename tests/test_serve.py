@@ -566,6 +566,16 @@ def test_web_page_streams_an_answer_in_chromium(server, chromium, tmp_path):
     assert shown["chunks"] >= 3  # role, text and finish arrived as separate server-sent events
 
 
+def _delete_app(name: str, engines_before: int) -> None:
+    """Delete a second application and wait (up to 30 s) for its engine processes to exit: the last test of
+    this module expects the module's one engine only."""
+    from ray import serve
+    serve.delete(name)
+    deadline = time.monotonic() + 30
+    while len(_engine_processes()) > engines_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _engine_processes() -> list:
     import psutil
     found = []
@@ -617,10 +627,7 @@ def test_the_shipped_float32_and_bfloat16_serve_over_http(server, dtype, reasoni
         assert resp.usage.completion_tokens == server.ckpt.answer_tokens
         assert httpx.get(base + "/health", headers=AUTH, timeout=10).json()["engine"]["dtype"] == dtype
     finally:
-        serve.delete(name)
-        deadline = time.monotonic() + 30  # the last test below expects the module's one engine only
-        while len(_engine_processes()) > engines_before and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _delete_app(name, engines_before)
     assert len(_engine_processes()) == engines_before
 
 
@@ -656,10 +663,7 @@ def test_two_replicas_behind_one_ingress_both_serve(server):
         for messages in by_replica.values():
             assert all((m["reasoning_content"], m["content"]) == (REASONING, ANSWER) for m in messages)
     finally:
-        serve.delete(name)
-        deadline = time.monotonic() + 30  # the last test below expects the module's one engine only
-        while len(_engine_processes()) > engines_before and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _delete_app(name, engines_before)
     assert len(_engine_processes()) == engines_before
 
 
