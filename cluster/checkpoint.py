@@ -20,6 +20,7 @@ frozen helpers, turn a batch into a loss) and holds no state of the run.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ class ModelWeights:
         if adapter_layout(model) is None:
             save_checkpoint(model, target, tokenizer=self.tokenizer)
             return
-        save_checkpoint(merge_lora(_copy(model)), target, tokenizer=self.tokenizer)
+        save_checkpoint(merge_lora(copy.deepcopy(model)), target, tokenizer=self.tokenizer)
         save_adapter(model, target, {"base": self.base} if self.base else None)
 
     def load(self, directory: Path) -> None:
@@ -150,7 +151,3 @@ class Checkpointer:
             if not names or name in names:
                 part.load(Path(directory))
 
-
-def _copy(model: MiniMind) -> MiniMind:
-    import copy
-    return copy.deepcopy(model)

@@ -25,6 +25,11 @@ def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
+def _hidden_sibling(path: str) -> str:
+    """A fresh temp name beside `path`, hidden from globs and listings (a leading dot)."""
+    return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+
+
 def write_atomic(uri, data: bytes | str, filesystem: pafs.FileSystem | None = None) -> None:
     """Replace the file at `uri` with `data` (str is written as UTF-8): readers see the old file or the new
     one, never a mix."""
@@ -34,7 +39,7 @@ def write_atomic(uri, data: bytes | str, filesystem: pafs.FileSystem | None = No
         with fs.open_output_stream(path) as f:  # one PUT: visible whole or not at all
             f.write(body)
         return
-    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _hidden_sibling(path)
     try:
         with open(tmp, "wb") as f:
             f.write(body)
@@ -54,7 +59,7 @@ def staging_dir(uri, filesystem: pafs.FileSystem | None = None) -> str:
     if not is_local(fs):
         remove_dir(path, fs)
         return path
-    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _hidden_sibling(path)
     fs.create_dir(tmp)
     return tmp
 
